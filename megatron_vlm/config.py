@@ -1,0 +1,379 @@
+"""Typed configuration: YAML file + Megatron-style command-line flags (flags win).
+
+Layout of a YAML file (every key optional; defaults below)::
+
+    model:
+      arch: joint_decoder            # registry name, see megatron_vlm.models.ARCHS
+      backend: auto                  # auto | local | te
+      vision: {num_layers, hidden_size, num_attention_heads, ffn_hidden_size, image_size, patch_size}
+      language: {num_layers, hidden_size, num_attention_heads, num_query_groups, ffn_hidden_size,
+                 vocab_size, seq_length, rotary_base}
+      cross_attention: {every: 4, layers: null}   # cross_attention arch only
+      freeze_vision: false
+      freeze_language: false
+    parallel: {tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size,
+               context_parallel_size, sequence_parallel, virtual_pipeline_model_parallel_size}
+    training: {micro_batch_size, global_batch_size, train_iters, lr, ...}
+    data: {data_path, tokenizer_path, num_workers}
+
+``validate(cfg, world_size)`` checks every constraint before a model is built and raises
+:class:`ConfigError` with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. The message is one line: field, value, what is allowed."""
+
+
+@dataclass
+class VisionConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    image_size: int = 32
+    patch_size: int = 8
+    add_class_token: bool = True
+    layernorm_epsilon: float = 1e-5
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_length(self) -> int:
+        return self.num_patches + (1 if self.add_class_token else 0)
+
+
+@dataclass
+class LanguageConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None = multi-head attention
+    ffn_hidden_size: int = 128
+    vocab_size: int = 512
+    seq_length: int = 64
+    rotary_base: float = 10000.0
+    layernorm_epsilon: float = 1e-5
+    untie_embeddings_and_output_weights: bool = True
+
+
+@dataclass
+class CrossAttentionConfig:
+    every: int = 4          # a cross-attention layer after every `every` self-attention layers
+    layers: list[int] | None = None  # explicit global indices in the combined layer list (wins)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "joint_decoder"
+    backend: str = "auto"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    projector: str = "mlp"            # megatron MultimodalProjector type: mlp | affine
+    drop_vision_class_token: bool = True
+    freeze_vision: bool = False
+    freeze_language: bool = False
+    image_token_id: int | None = None  # None: the tokenizer's image token (vocab_size - 1 if no tokenizer)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Decoder positions one image occupies (joint-decoder style archs)."""
+        v = self.vision
+        return v.num_patches + (0 if self.drop_vision_class_token or not v.add_class_token else 1)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    train_iters: int = 100
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    bf16: bool = False
+    fp8_format: str | None = None
+    use_distributed_optimizer: bool = True
+    save: str | None = None
+    load: str | None = None
+    save_interval: int | None = None
+    keep_last: int | None = None
+    eval_interval: int | None = None
+    eval_iters: int = 4
+    log_interval: int = 1
+    log_dir: str | None = None
+    max_bad_steps: int = 5
+    peak_tflops: float | None = None
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None = None
+    tokenizer_path: str | None = None
+    num_threads: int = 2
+    images_per_sample: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+ARCH_NAMES = ("joint_decoder", "cross_attention", "mot", "moma", "mmca")
+BACKENDS = ("auto", "local", "te")
+FP8_FORMATS = ("e4m3", "hybrid")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+PROJECTORS = ("mlp", "affine")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+def _build(cls, data: dict | None, where: str):
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        else:
+            kwargs[name] = tuple(value) if isinstance(f.default, tuple) and isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    return _build(Config, data, "config")
+
+
+def load_yaml(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(data)
+
+
+# Megatron-LM flag name -> (section, field). Flags not listed map by name to the first section
+# that has the field (e.g. --num-layers is not one: language and vision both have it).
+FLAG_MAP: dict[str, tuple[str, ...]] = {
+    "arch": ("model", "arch"),
+    "num_layers": ("model", "language", "num_layers"),
+    "hidden_size": ("model", "language", "hidden_size"),
+    "num_attention_heads": ("model", "language", "num_attention_heads"),
+    "num_query_groups": ("model", "language", "num_query_groups"),
+    "ffn_hidden_size": ("model", "language", "ffn_hidden_size"),
+    "seq_length": ("model", "language", "seq_length"),
+    "vocab_size": ("model", "language", "vocab_size"),
+    "tensor_model_parallel_size": ("parallel", "tensor_model_parallel_size"),
+    "pipeline_model_parallel_size": ("parallel", "pipeline_model_parallel_size"),
+    "num_virtual_stages_per_pipeline_rank": ("parallel", "virtual_pipeline_model_parallel_size"),
+    "expert_model_parallel_size": ("parallel", "expert_model_parallel_size"),
+    "context_parallel_size": ("parallel", "context_parallel_size"),
+    "sequence_parallel": ("parallel", "sequence_parallel"),
+    "freeze_vision": ("model", "freeze_vision"),
+    "freeze_language": ("model", "freeze_language"),
+    "transformer_impl": ("model", "backend"),
+    "data_path": ("data", "data_path"),
+    "tokenizer_path": ("data", "tokenizer_path"),
+}
+for _f in dataclasses.fields(TrainingConfig):
+    FLAG_MAP.setdefault(_f.name, ("training", _f.name))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-style flags. Every flag defaults to None = 'keep the YAML/default value'."""
+    parser.add_argument("--config", type=str, default=None, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set model.vision.num_layers=4")
+    bool_flags = {"sequence_parallel", "freeze_vision", "freeze_language", "bf16",
+                  "use_distributed_optimizer"}
+    types = {}
+    for section in (LanguageConfig, ParallelConfig, TrainingConfig):
+        for f in dataclasses.fields(section):
+            types.setdefault(f.name, f.type)
+    for name in FLAG_MAP:
+        flag = "--" + name.replace("_", "-")
+        if name in bool_flags:
+            parser.add_argument(flag, action="store_true", default=None)
+            continue
+        t = str(types.get(name, "str"))
+        conv = int if t.startswith("int") else float if t.startswith("float") else str
+        parser.add_argument(flag, type=conv, default=None)
+    parser.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
+                        action="store_false", default=None)
+    return parser
+
+
+def _set_path(cfg: Config, path: Sequence[str], value: Any, source: str) -> None:
+    obj = cfg
+    for part in path[:-1]:
+        if not hasattr(obj, part):
+            raise ConfigError(f"{source}: unknown config section {part!r}")
+        obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj) or path[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"{source}: unknown config key {'.'.join(path)!r}")
+    setattr(obj, path[-1], value)
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Config from ``--config`` (or defaults), then flags, then ``--set KEY=VALUE`` overrides."""
+    cfg = load_yaml(args.config) if args.config else Config()
+    for name, path in FLAG_MAP.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            _set_path(cfg, path, value, "--" + name.replace("_", "-"))
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.vision.num_layers=4")
+        key, raw = item.split("=", 1)
+        _set_path(cfg, key.split("."), yaml.safe_load(raw), f"--set {item}")
+    return cfg
+
+
+def parse(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Config:
+    parser = add_arguments(parser or argparse.ArgumentParser())
+    return from_args(parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(name: str, value) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"{name}={value!r}: must be a positive integer")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Check every cross-field constraint; raise ConfigError (one line) on the first violation."""
+    m, v, lang, p, t = cfg.model, cfg.model.vision, cfg.model.language, cfg.parallel, cfg.training
+    _require(m.arch in ARCH_NAMES, f"model.arch={m.arch!r}: allowed {list(ARCH_NAMES)}")
+    _require(m.backend in BACKENDS, f"model.backend={m.backend!r}: allowed {list(BACKENDS)}")
+    _require(m.projector in PROJECTORS, f"model.projector={m.projector!r}: allowed {list(PROJECTORS)}")
+    for section, obj in (("model.vision", v), ("model.language", lang)):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            _positive(f"{section}.{name}", getattr(obj, name))
+    for name in ("vocab_size", "seq_length"):
+        _positive(f"model.language.{name}", getattr(lang, name))
+    for name in ("image_size", "patch_size"):
+        _positive(f"model.vision.{name}", getattr(v, name))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "context_parallel_size"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+        _positive(f"training.{name}", getattr(t, name))
+
+    _require(v.image_size % v.patch_size == 0,
+             f"model.vision.image_size={v.image_size}: must be a multiple of model.vision.patch_size={v.patch_size}")
+    for section, obj in (("model.vision", v), ("model.language", lang)):
+        _require(obj.hidden_size % obj.num_attention_heads == 0,
+                 f"{section}.hidden_size={obj.hidden_size}: must be divisible by "
+                 f"{section}.num_attention_heads={obj.num_attention_heads}")
+    groups = lang.num_query_groups or lang.num_attention_heads
+    _positive("model.language.num_query_groups", groups)
+    _require(lang.num_attention_heads % groups == 0,
+             f"model.language.num_query_groups={groups}: must divide "
+             f"model.language.num_attention_heads={lang.num_attention_heads}")
+
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    for section, obj in (("model.vision", v), ("model.language", lang)):
+        _require(obj.num_attention_heads % tp == 0,
+                 f"{section}.num_attention_heads={obj.num_attention_heads}: must be divisible by "
+                 f"parallel.tensor_model_parallel_size={tp}")
+    _require(groups % tp == 0,
+             f"model.language.num_query_groups={groups}: must be divisible by parallel.tensor_model_parallel_size={tp}")
+    _require(lang.vocab_size % tp == 0,
+             f"model.language.vocab_size={lang.vocab_size}: must be divisible by parallel.tensor_model_parallel_size={tp}")
+    _require(lang.num_layers % pp == 0,
+             f"model.language.num_layers={lang.num_layers}: must be divisible by parallel.pipeline_model_parallel_size={pp}")
+    vpp = p.virtual_pipeline_model_parallel_size
+    if vpp is not None:
+        _positive("parallel.virtual_pipeline_model_parallel_size", vpp)
+        _require(pp > 1, f"parallel.virtual_pipeline_model_parallel_size={vpp}: needs pipeline_model_parallel_size > 1")
+        _require(lang.num_layers % (pp * vpp) == 0,
+                 f"model.language.num_layers={lang.num_layers}: must be divisible by pipeline x virtual stages = {pp * vpp}")
+    if p.sequence_parallel:
+        _require(tp > 1, "parallel.sequence_parallel=True: needs tensor_model_parallel_size > 1")
+    ep = p.expert_model_parallel_size
+    if ep > 1:
+        _require(m.arch == "moma", f"parallel.expert_model_parallel_size={ep}: only the 'moma' arch has experts (arch={m.arch!r})")
+    if m.image_token_id is not None:
+        _require(0 <= m.image_token_id < lang.vocab_size,
+                 f"model.image_token_id={m.image_token_id}: must be in [0, vocab_size={lang.vocab_size})")
+    if m.arch == "joint_decoder":
+        _require(m.num_image_tokens * cfg.data.images_per_sample < lang.seq_length,
+                 f"model.language.seq_length={lang.seq_length}: must exceed the {m.num_image_tokens} image "
+                 f"tokens x {cfg.data.images_per_sample} images per sample")
+    if m.arch == "cross_attention":
+        ca = m.cross_attention
+        if ca.layers is None:
+            _positive("model.cross_attention.every", ca.every)
+    _require(t.lr_decay_style in LR_DECAY_STYLES,
+             f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
+    _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
+             f"training.fp8_format={t.fp8_format!r}: allowed {list(FP8_FORMATS)} (GPU with Transformer Engine)")
+    _require(t.lr > 0, f"training.lr={t.lr}: must be > 0")
+
+    if world_size is not None:
+        mp = tp * pp * p.context_parallel_size
+        _require(world_size % mp == 0,
+                 f"world size {world_size}: must be divisible by tensor x pipeline x context parallel = {mp}")
+        dp = world_size // mp
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"training.global_batch_size={t.global_batch_size}: must be divisible by "
+                 f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        if ep > 1:
+            _require((world_size // pp) % ep == 0,
+                     f"parallel.expert_model_parallel_size={ep}: must divide world size / pipeline size = {world_size // pp}")
+    return cfg

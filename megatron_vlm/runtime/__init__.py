@@ -1,0 +1,127 @@
+"""Process-level runtime: launcher env -> torch.distributed -> megatron parallel_state -> seeds.
+
+``initialize(...)`` is the one call every entry point makes::
+
+    from megatron_vlm import runtime
+    ctx = runtime.initialize(tensor_model_parallel_size=2, seed=1234)
+    ...
+    runtime.shutdown()
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from megatron_vlm.runtime.launcher_env import LaunchEnv, detect, export_torch_env
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    launch: LaunchEnv
+    backend: str
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+
+_context: RuntimeContext | None = None
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
+    expert_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> RuntimeContext:
+    """Start torch.distributed (nccl on GPU, gloo on CPU), megatron model-parallel groups and the
+    RNG tracker. On a machine without CUDA the CPU compatibility layer is applied first."""
+    global _context
+    from megatron.core import parallel_state, tensor_parallel
+
+    launch = detect()
+    export_torch_env(launch)
+    cuda = has_cuda()
+    if cuda:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    else:
+        from megatron_vlm.runtime import cpu
+
+        cpu.apply()
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    mp = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    if launch.world_size % mp:
+        raise ValueError(
+            f"world size {launch.world_size} is not divisible by tensor x pipeline x context parallel "
+            f"= {tensor_model_parallel_size} x {pipeline_model_parallel_size} x {context_parallel_size}"
+        )
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+    )
+    set_seed(seed)
+    _context = RuntimeContext(launch=launch, backend=backend, device=device)
+    return _context
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch per pipeline stage and megatron's model-parallel RNG tracker
+    (distinct TP streams for dropout inside TP regions, shared streams elsewhere)."""
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def context() -> RuntimeContext:
+    if _context is None:
+        raise RuntimeError("megatron_vlm.runtime.initialize() has not been called")
+    return _context
+
+
+def shutdown() -> None:
+    global _context
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _context = None
