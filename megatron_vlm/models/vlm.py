@@ -206,6 +206,14 @@ class VLMModel(MegatronModule):
                 for p in module.parameters():
                     p.requires_grad_(False)
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Read by megatron's ``finalize_model_grads`` (tied embeddings across pipeline stages)."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive the previous stage's hidden states here."""
         if isinstance(input_tensor, (list, tuple)):
@@ -228,8 +236,11 @@ class VLMModel(MegatronModule):
         image_embeddings = None
         if self.add_encoder and images is not None:
             image_embeddings = self.encode_images(images)
-        return self.language_forward(tokens, position_ids, image_embeddings, image_mask, labels,
-                                     text_image_mask, **kwargs)
+        out = self.language_forward(tokens, position_ids, image_embeddings, image_mask, labels,
+                                    text_image_mask, **kwargs)
+        if not self.post_process:  # hidden states go to the next stage: p2p needs contiguous memory
+            out = out.contiguous()
+        return out
 
 
 def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: bool | None = None,
