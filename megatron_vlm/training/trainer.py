@@ -1,0 +1,271 @@
+"""The training loop behind ``pretrain_vlm.py``.
+
+Per iteration: one global batch (``global_batch_size`` samples, ``micro_batch_size`` x
+``num_micro_batches`` per data-parallel rank) through megatron's schedule, a NaN/Inf check, the
+(distributed) optimizer step with gradient clipping, the LR schedule, metrics, and eval / checkpoint
+at their intervals. SIGTERM/SIGINT save a checkpoint at the end of the current iteration and exit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_vlm import runtime
+from megatron_vlm.config import Config, ConfigError, validate
+from megatron_vlm.training import checkpointing, flops
+from megatron_vlm.training.step import (build_model_chunks, build_optimizer, forward_backward,
+                                        reduce_losses, unwrap, zero_grads)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation: loss and answer accuracy
+# ------------------------------------------------------------------------------------------------
+
+def _eval_loss_func(batch, output):
+    """Loss and exact-match accuracy from vocab-parallel logits ``[b, s, v/tp]`` (last stage).
+
+    A sample is correct when the argmax at every ``loss_mask`` position equals its label (for the
+    question/answer samples that is: the whole answer is right).
+    """
+    logits = output.float()
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(),
+                                                        batch.labels.t().contiguous()).t()
+    mask = batch.loss_mask.float()
+    full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+    hit = (full.argmax(-1) == batch.labels) | (mask == 0)
+    correct = hit.all(dim=1).float().sum()
+    total = (loss * mask).sum() / mask.sum().clamp(min=1)
+    return total, {"lm loss": total.detach().clone(), "correct": correct,
+                   "samples": torch.tensor(float(batch.tokens.shape[0]))}
+
+
+def _eval_forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, images=batch.images, image_mask=batch.image_mask,
+                   labels=None, text_image_mask=batch.text_image_mask)
+    return output, partial(_eval_loss_func, batch)
+
+
+def evaluate(model_chunks, batches, seq_length: int) -> dict:
+    """Mean loss and accuracy over ``batches`` (each a list of micro batches), on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for c in model_chunks:
+        c.eval()
+    sums = torch.zeros(3)  # loss sum, correct, samples
+    n = 0
+    with torch.no_grad():
+        for micro_batches in batches:
+            out = get_forward_backward_func()(
+                forward_step_func=_eval_forward_step, data_iterator=iter(micro_batches),
+                model=model_chunks, num_microbatches=len(micro_batches), seq_length=seq_length,
+                micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=True)
+            if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+                for d in out:
+                    sums += torch.stack([d["lm loss"], d["correct"], d["samples"]]).float().cpu()
+            n += len(micro_batches)
+    for c in model_chunks:
+        c.train()
+    if torch.cuda.is_available():
+        sums = sums.cuda()
+    torch.distributed.broadcast(sums, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    sums = sums.cpu()
+    return {"eval_loss": sums[0].item() / max(n * dp, 1),
+            "eval_accuracy": sums[1].item() / max(sums[2].item(), 1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+
+class MetricsLogger:
+    """``log_dir/metrics.jsonl`` (one JSON object per logged iteration) + TensorBoard, rank 0 only."""
+
+    def __init__(self, log_dir: str | None, enabled: bool):
+        self.enabled = enabled and log_dir is not None
+        self.file = self.tb = None
+        if self.enabled:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.file = open(Path(log_dir) / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(log_dir) / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, record["iteration"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _print0(*args) -> None:
+    if torch.distributed.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Signals
+# ------------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; all ranks agree on it once per iteration (all_reduce)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    iteration: int
+    last_loss: float | None
+    eval: dict | None
+    stopped_by_signal: bool
+
+
+def pipeline_seq_length(cfg: Config, model) -> int:
+    """Length of the tensors pipeline stages exchange (archs that pack extra tokens override)."""
+    fn = getattr(unwrap(model), "pipeline_seq_length", None)
+    return fn() if callable(fn) else cfg.model.language.seq_length
+
+
+def train(cfg: Config, data) -> TrainResult:
+    """Train with ``data`` (a :class:`megatron_vlm.training.data_adapter.TrainingData`)."""
+    t = cfg.training
+    ctx = runtime.context()
+    model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id)
+    optimizer, scheduler = build_optimizer(cfg, model_chunks)
+    non_homogeneous = cfg.model.arch != "joint_decoder"
+    start_iter = 0
+    if t.load:
+        state = checkpointing.load_checkpoint(t.load, model_chunks, optimizer, scheduler,
+                                              load_rng=True)
+        start_iter = state["iteration"]
+        data.load_state_dict(state["extra"].get("data", {}))
+        _print0(f"loaded checkpoint {t.load} at iteration {start_iter}")
+
+    seq_length = pipeline_seq_length(cfg, model_chunks[0])
+    dp = parallel_state.get_data_parallel_world_size()
+    num_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    ca_layers = len(getattr(unwrap(model_chunks[0]), "cross_attention_layer_indices", ()) or ())
+    iter_flops = flops.iteration_flops(cfg, t.global_batch_size, ca_layers)
+    peak, peak_source = flops.peak_tflops(cfg)
+    _print0(f"model: arch={cfg.model.arch} backend={unwrap(model_chunks[0]).backend} "
+            f"world={ctx.world_size} tp={cfg.parallel.tensor_model_parallel_size} "
+            f"pp={cfg.parallel.pipeline_model_parallel_size} dp={dp} micro_batches={num_mb}; "
+            f"MFU peak {peak if peak is None else round(peak, 3)} TFLOP/s ({peak_source})")
+    logger = MetricsLogger(t.log_dir, enabled=torch.distributed.get_rank() == 0)
+    stop = StopRequest()
+    bad_in_a_row = 0
+    skipped_total = 0
+    last_loss, eval_result, stopped = None, None, False
+
+    def save(iteration):
+        checkpointing.save_checkpoint(t.save, iteration, model_chunks, optimizer, scheduler, cfg,
+                                      extra={"data": data.state_dict(), "skipped_steps": skipped_total},
+                                      non_homogeneous_layers=non_homogeneous, keep_last=t.keep_last)
+        _print0(f"saved checkpoint {t.save}/iter_{iteration:07d}")
+
+    iteration = start_iter
+    try:
+        while iteration < t.train_iters:
+            start = time.perf_counter()
+            micro_batches = data.next_train(num_mb)
+            zero_grads(model_chunks, optimizer)
+            losses = forward_backward(model_chunks, micro_batches, seq_length)
+            loss = reduce_losses(losses)
+            iteration += 1
+            if not math.isfinite(loss):
+                bad_in_a_row += 1
+                skipped_total += 1
+                _print0(f"iteration {iteration}: loss is {loss}; step skipped "
+                        f"({bad_in_a_row} in a row, limit {t.max_bad_steps})")
+                logger.log({"iteration": iteration, "loss": None, "skipped": True,
+                            "skipped_total": skipped_total})
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise TrainingError(
+                        f"loss was NaN/Inf for {bad_in_a_row} iterations in a row (limit "
+                        f"--max-bad-steps={t.max_bad_steps}); stopping at iteration {iteration}")
+                continue
+            bad_in_a_row = 0
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+            elapsed = time.perf_counter() - start
+            last_loss = loss
+            tflops = iter_flops / elapsed / ctx.world_size / 1e12
+            record = {
+                "iteration": iteration, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": t.global_batch_size * cfg.model.language.seq_length / elapsed,
+                "tflops_per_gpu": tflops, "mfu": None if not peak else tflops / peak,
+                "iteration_time_s": elapsed, "skipped_total": skipped_total,
+            }
+            if iteration % t.log_interval == 0 or iteration == t.train_iters:
+                logger.log(record)
+                _print0(f"iter {iteration:>6}/{t.train_iters} | loss {loss:.4f} | lr {record['lr']:.3e} | "
+                        f"grad {record['grad_norm'] or 0:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+                        f"{tflops:.4f} TFLOP/s/dev" + (f" | MFU {100 * record['mfu']:.2f}%" if peak else ""))
+            if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
+                eval_result = evaluate(model_chunks, data.val_batches(num_mb, t.eval_iters), seq_length)
+                logger.log({"iteration": iteration, **eval_result})
+                _print0(f"eval @ {iteration}: loss {eval_result['eval_loss']:.4f} | "
+                        f"accuracy {100 * eval_result['eval_accuracy']:.1f}%")
+            if stop.agreed():
+                stopped = True
+                _print0(f"stop requested (SIGTERM/SIGINT): saving at iteration {iteration}")
+                if t.save:
+                    save(iteration)
+                break
+            if t.save and t.save_interval and iteration % t.save_interval == 0:
+                save(iteration)
+        else:
+            if t.save and not (t.save_interval and iteration % t.save_interval == 0) and iteration > start_iter:
+                save(iteration)
+    finally:
+        logger.close()
+    return TrainResult(iteration, last_loss, eval_result, stopped)
