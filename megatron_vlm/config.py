@@ -123,7 +123,8 @@ class TrainingConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     bf16: bool = False
-    fp8_format: str | None = None
+    fp8_format: str | None = None     # e4m3 | hybrid (Transformer Engine on GPU)
+    fp8_recipe: str = "delayed"       # delayed | tensorwise | mxfp8 | blockwise
     use_distributed_optimizer: bool = True
     save: str | None = None
     load: str | None = None
@@ -159,6 +160,7 @@ class Config:
 ARCH_NAMES = ("joint_decoder", "cross_attention", "mot", "moma", "mmca")
 BACKENDS = ("auto", "local", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PROJECTORS = ("mlp", "affine")
 
@@ -363,6 +365,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
     _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
              f"training.fp8_format={t.fp8_format!r}: allowed {list(FP8_FORMATS)} (GPU with Transformer Engine)")
+    if t.fp8_format is not None:
+        _require(m.backend != "local",
+                 f"training.fp8_format={t.fp8_format!r}: needs model.backend 'te' or 'auto' (Transformer Engine), not 'local'")
+        _require(t.fp8_recipe in FP8_RECIPES,
+                 f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
     _require(t.lr > 0, f"training.lr={t.lr}: must be > 0")
 
     if world_size is not None:

@@ -44,8 +44,11 @@ def register_arch(name: str) -> Callable[[type], type]:
     return wrap
 
 
-def _common_config(parallel: ParallelConfig, dtype: torch.dtype) -> dict:
+def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None = None,
+                   fp8_recipe: str = "delayed") -> dict:
     return dict(
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
@@ -67,10 +70,11 @@ def _common_config(parallel: ParallelConfig, dtype: torch.dtype) -> dict:
 
 
 def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
-                                dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
+                                dtype: torch.dtype = torch.float32, fp8: str | None = None,
+                                fp8_recipe: str = "delayed", **overrides) -> TransformerConfig:
     """Llama-style decoder: RMSNorm, SwiGLU, no biases, RoPE (set on the GPTModel)."""
     lang = cfg.language
-    kw = _common_config(parallel, dtype)
+    kw = _common_config(parallel, dtype, fp8, fp8_recipe)
     kw.update(
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,
@@ -89,10 +93,11 @@ def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
 
 
 def vision_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
-                              dtype: torch.dtype = torch.float32) -> TransformerConfig:
+                              dtype: torch.dtype = torch.float32, fp8: str | None = None,
+                              fp8_recipe: str = "delayed") -> TransformerConfig:
     """CLIP-style ViT: LayerNorm, quick-GELU MLP with biases. Never pipeline-split (first stage)."""
     v = cfg.vision
-    kw = _common_config(parallel, dtype)
+    kw = _common_config(parallel, dtype, fp8, fp8_recipe)
     kw.update(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -142,9 +147,12 @@ class VLMModel(MegatronModule):
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
                  post_process: bool = True, vp_stage: int | None = None,
-                 dtype: torch.dtype = torch.float32, image_token_id: int | None = None):
+                 dtype: torch.dtype = torch.float32, image_token_id: int | None = None,
+                 fp8: str | None = None, fp8_recipe: str = "delayed"):
         self.backend = specs.resolve_backend(cfg.backend)
-        self.language_config = language_transformer_config(cfg, parallel, dtype)
+        if fp8 and self.backend != "te":
+            raise ValueError(f"fp8_format={fp8!r} needs the 'te' backend (Transformer Engine on a GPU)")
+        self.language_config = language_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
         super().__init__(config=self.language_config)
         self.cfg = cfg
         self.parallel = parallel
@@ -161,7 +169,7 @@ class VLMModel(MegatronModule):
         self.vision_projection = None
         if self.add_encoder:
             v = cfg.vision
-            vision_config = vision_transformer_config(cfg, parallel, dtype)
+            vision_config = vision_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
             norm = specs.norm_module(self.backend)
             self.vision_model = CLIPViTModel(
                 vision_config, specs.vision_layer_spec(self.backend), ln_pre_impl=norm,
@@ -259,5 +267,6 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
     if dtype is None:
         dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
     return ARCHS[name](cfg.model, cfg.parallel, pre_process=pre_process, post_process=post_process,
-                       vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id)
+                       vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id,
+                       fp8=cfg.training.fp8_format, fp8_recipe=cfg.training.fp8_recipe)
 

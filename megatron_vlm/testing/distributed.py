@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
+import time
 import traceback
 from typing import Any, Callable
 
@@ -64,19 +65,27 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600,
         p.start()
     collected: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        while len(collected) + len(errors) < world_size:
+        while len(collected) < world_size and not errors:
             try:
-                rank, status, payload = results.get(timeout=timeout)
+                rank, status, payload = results.get(timeout=0.5)
             except queue_mod.Empty:
-                raise DistributedTestError(
-                    f"timed out after {timeout}s waiting for ranks "
-                    f"{sorted(set(range(world_size)) - set(collected))}") from None
+                dead = [r for r, p in enumerate(procs) if r not in collected and p.exitcode is not None]
+                if dead:  # died without reporting (os._exit, signal, crash in C code)
+                    time.sleep(0.5)  # a report may still be in flight
+                    if results.empty():
+                        errors.append(f"ranks {dead} exited with codes "
+                                      f"{[procs[r].exitcode for r in dead]} without a result")
+                elif time.monotonic() > deadline:
+                    raise DistributedTestError(
+                        f"timed out after {timeout}s waiting for ranks "
+                        f"{sorted(set(range(world_size)) - set(collected))}") from None
+                continue
             if status == "ok":
                 collected[rank] = payload
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
-                break  # other ranks may now hang in a collective: stop them
     finally:
         for p in procs:
             p.join(timeout=5 if errors or len(collected) < world_size else 60)

@@ -74,6 +74,11 @@ def _rng_state() -> dict:
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
 def _rng_sharded_object(state: dict | None) -> ShardedObject:
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -101,7 +106,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     dist_checkpointing.save(sharded, str(tmp), content_metadata=metadata)
     if _rank0():
-        state = {"iteration": iteration, "extra": extra or {},
+        state = {"iteration": iteration, "extra": extra or {}, "layout": _layout(),
                  "scheduler": opt_param_scheduler.state_dict() if opt_param_scheduler else None}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if config is not None:
@@ -146,16 +151,10 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
     sharded = _model_sharded_state_dict(model_chunks, metadata)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
-    if load_rng:
+    meta = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    if load_rng and meta.get("layout") == _layout():  # RNG streams belong to a TP/PP position
         sharded["rng_state"] = _rng_sharded_object(None)
-    try:
-        state = dist_checkpointing.load(sharded, str(ckpt))
-    except Exception as e:
-        if load_rng and "rng_state" in str(e):  # saved with another TP/PP layout: RNG not reusable
-            sharded.pop("rng_state")
-            state = dist_checkpointing.load(sharded, str(ckpt))
-        else:
-            raise
+    state = dist_checkpointing.load(sharded, str(ckpt))
     chunks = [unwrap(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(state["model"], strict=strict)
@@ -172,7 +171,6 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-    meta = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     if opt_param_scheduler is not None and meta.get("scheduler"):
         opt_param_scheduler.load_state_dict(meta["scheduler"])
     return {"iteration": iteration, "extra": meta.get("extra", {}), "config": read_config(load_dir, iteration)}
