@@ -69,6 +69,7 @@ class LanguageConfig:
     rotary_base: float = 10000.0
     layernorm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
+    unpadded_vocab_size: int | None = None  # true vocab when vocab_size is padded (HF export trims to it)
 
 
 @dataclass
@@ -308,6 +309,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
             _positive(f"{section}.{name}", getattr(obj, name))
     for name in ("vocab_size", "seq_length"):
         _positive(f"model.language.{name}", getattr(lang, name))
+    if lang.unpadded_vocab_size is not None:
+        _require(0 < lang.unpadded_vocab_size <= lang.vocab_size,
+                 f"model.language.unpadded_vocab_size={lang.unpadded_vocab_size}: must be in [1, vocab_size={lang.vocab_size}]")
     for name in ("image_size", "patch_size"):
         _positive(f"model.vision.{name}", getattr(v, name))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",

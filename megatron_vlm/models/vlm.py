@@ -231,6 +231,7 @@ class VLMModel(MegatronModule):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[b, n, 3, H, W]`` -> projected features ``[b, n, k, h_lm]`` (k tokens per image)."""
         b, n = images.shape[:2]
+        images = images.to(self.vision_model.conv1.weight.dtype)
         feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
         if self.cfg.vision.add_class_token and self.cfg.drop_vision_class_token:
             feats = feats[:, 1:]

@@ -70,7 +70,7 @@ def _model_sharded_state_dict(model_chunks: list, metadata: dict) -> dict:
 def _rng_state() -> dict:
     return {"random": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state(),
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
@@ -168,8 +168,7 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
         random.setstate(rng["random"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     if opt_param_scheduler is not None and meta.get("scheduler"):
         opt_param_scheduler.load_state_dict(meta["scheduler"])

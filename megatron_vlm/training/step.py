@@ -14,6 +14,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from megatron_vlm.config import Config
 from megatron_vlm.data.batch import VLMBatch
@@ -21,7 +22,7 @@ from megatron_vlm.models import build_model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(model, DistributedDataParallel):
+    while isinstance(model, (DistributedDataParallel, Float16Module)):
         model = model.module
     return model
 
@@ -31,6 +32,8 @@ def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp:
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
+    if cfg.training.bf16:  # megatron's wrapper: casts the module to bf16, first-stage inputs too
+        chunks = [Float16Module(c.config, c) for c in chunks]
     if not wrap_ddp:
         return chunks
     ddp_config = DistributedDataParallelConfig(
@@ -71,9 +74,14 @@ def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, {"lm loss": loss.detach().clone()}
 
 
+def next_batch(data_iterator: Iterator[VLMBatch]) -> VLMBatch:
+    """The next micro batch, on this rank's device (the data layer yields host or device tensors)."""
+    return next(data_iterator).to(torch.cuda.current_device())
+
+
 def forward_step(data_iterator: Iterator[VLMBatch], model):
     """Megatron schedule hook: one micro batch through ``model`` -> (output, loss_func)."""
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator)
     output = model(batch.tokens, batch.position_ids, images=batch.images, image_mask=batch.image_mask,
                    labels=batch.labels, text_image_mask=batch.text_image_mask)
     return output, partial(masked_loss, batch.loss_mask)
@@ -108,13 +116,11 @@ def forward_backward(model_chunks: list, micro_batches: list[VLMBatch], seq_leng
 
 def reduce_losses(loss_dicts: list[dict]) -> float | None:
     """Mean loss over micro batches, broadcast from the last pipeline stage to every rank."""
-    value = torch.zeros(1)
+    value = torch.zeros(1, device=torch.cuda.current_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and loss_dicts:
         value[0] = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
     group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
-    if torch.cuda.is_available():
-        value = value.cuda()
     torch.distributed.broadcast(value, src=last, group=group)
     # average over data-parallel replicas (each saw different samples)
     torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())

@@ -24,7 +24,7 @@ from megatron_vlm import runtime
 from megatron_vlm.config import Config, ConfigError, validate
 from megatron_vlm.training import checkpointing, flops
 from megatron_vlm.training.step import (build_model_chunks, build_optimizer, forward_backward,
-                                        reduce_losses, unwrap, zero_grads)
+                                        next_batch, reduce_losses, unwrap, zero_grads)
 
 
 class TrainingError(RuntimeError):
@@ -50,11 +50,11 @@ def _eval_loss_func(batch, output):
     correct = hit.all(dim=1).float().sum()
     total = (loss * mask).sum() / mask.sum().clamp(min=1)
     return total, {"lm loss": total.detach().clone(), "correct": correct,
-                   "samples": torch.tensor(float(batch.tokens.shape[0]))}
+                   "samples": torch.tensor(float(batch.tokens.shape[0]), device=logits.device)}
 
 
 def _eval_forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = next_batch(data_iterator)
     output = model(batch.tokens, batch.position_ids, images=batch.images, image_mask=batch.image_mask,
                    labels=None, text_image_mask=batch.text_image_mask)
     return output, partial(_eval_loss_func, batch)
@@ -80,8 +80,7 @@ def evaluate(model_chunks, batches, seq_length: int) -> dict:
             n += len(micro_batches)
     for c in model_chunks:
         c.train()
-    if torch.cuda.is_available():
-        sums = sums.cuda()
+    sums = sums.to(torch.cuda.current_device())
     torch.distributed.broadcast(sums, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
@@ -149,9 +148,7 @@ class StopRequest:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=torch.cuda.current_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() > 0
 

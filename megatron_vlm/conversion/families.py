@@ -1,0 +1,88 @@
+"""Registry of conversion families: an HF architecture <-> one of our archs.
+
+A family supplies four things, all declarative or close to it:
+
+* ``rename(stored_key)``: normalise the names an HF folder may use (transformers 4.x/5.x layouts)
+  to the ones the key map is written in (what ``save_pretrained`` writes);
+* ``model_config_from_hf`` / ``hf_config_from_model``: our ``ModelConfig`` <-> the HF config;
+  anything our model cannot represent raises :class:`ConversionError` with one line;
+* ``pairs(model_config)``: the key map (list of :class:`~megatron_vlm.conversion.mapping.Pair`);
+* ``unused_hf_keys(hf_config, model_config)``: HF tensors the model does not use (carried through
+  an import so that export restores them).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from megatron_vlm.conversion.mapping import ConversionError
+
+FAMILIES: dict[str, "Family"] = {}
+
+
+class Family:
+    name = "base"
+    hf_architectures: tuple[str, ...] = ()
+    arch = ""
+
+    def rename(self, key: str) -> str:
+        return key
+
+    def model_config_from_hf(self, hf_config, folder, vocab_multiple: int):
+        raise NotImplementedError
+
+    def hf_config_from_model(self, model_config, base: dict | None = None):
+        raise NotImplementedError
+
+    def pairs(self, model_config) -> list:
+        raise NotImplementedError
+
+    def unused_hf_keys(self, hf_config, model_config) -> list[str]:
+        return []
+
+    def hf_model_class(self):
+        raise NotImplementedError
+
+
+def register(cls):
+    inst = cls()
+    FAMILIES[inst.name] = inst
+    return cls
+
+
+def _load_all() -> None:
+    from megatron_vlm.conversion import llava  # noqa: F401
+    try:
+        from megatron_vlm.conversion import mllama  # noqa: F401
+    except ImportError:  # the cross_attention arch or its text map is not available yet
+        pass
+
+
+def family_for_hf(architectures: list[str] | None, model_type: str | None, where: str) -> Family:
+    _load_all()
+    for fam in FAMILIES.values():
+        if architectures and any(a in fam.hf_architectures for a in architectures):
+            return fam
+    supported = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
+    raise ConversionError(f"{where}: unsupported HF architecture {architectures or model_type!r}; "
+                          f"supported: {supported} (warm start from LlamaForCausalLM + a vision "
+                          f"tower: use --vision-path)")
+
+
+def family_for_arch(arch: str) -> Family:
+    _load_all()
+    for fam in FAMILIES.values():
+        if fam.arch == arch:
+            return fam
+    raise ConversionError(f"model.arch={arch!r}: no HF export for this arch; exportable archs: "
+                          f"{sorted(f.arch for f in FAMILIES.values())}")
+
+
+def prefix_renamer(table: list[tuple[str, str]]) -> Callable[[str], str]:
+    def rename(key: str) -> str:
+        for old, new in table:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    return rename

@@ -1,0 +1,298 @@
+"""HF folders: streaming safetensors reader/writer, config.json, tokenizer files, atomic output.
+
+Reading never loads a whole checkpoint: :class:`HFReader` opens each safetensors file memory-mapped
+and materialises one tensor per ``get``. Writing is streamed too: :func:`write_safetensors_shards`
+is given the plan (names, shapes, dtypes) first, writes each shard's header, then each tensor's
+bytes as the producer yields it — only the tensors of one map entry are alive at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from megatron_vlm.conversion.mapping import ConversionError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+
+_DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                      "merges.txt", "*.model", "*.tiktoken", "chat_template.*",
+                      "preprocessor_config.json", "processor_config.json")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ConversionError(f"--dtype {name}: allowed {sorted(DTYPES)} or auto")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+class HFReader:
+    """Tensors of a ``save_pretrained`` folder, one at a time. ``rename`` maps stored names to the
+    names the key maps use (e.g. transformers' new-style ``model.language_model.*`` -> the
+    ``language_model.model.*`` that ``save_pretrained`` writes)."""
+
+    def __init__(self, folder: str | Path, rename=None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConversionError(f"--hf-path {self.folder}: not a directory")
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / SINGLE_NAME).is_file():
+            with safe_open(str(self.folder / SINGLE_NAME), "pt") as f:
+                weight_map = {k: SINGLE_NAME for k in f.keys()}
+        else:
+            bins = sorted(p.name for p in self.folder.glob("*.bin"))
+            hint = f" (found {bins[0]}: re-save it with safe_serialization)" if bins else ""
+            raise ConversionError(f"--hf-path {self.folder}: no {INDEX_NAME} or {SINGLE_NAME}{hint}")
+        self._files: dict[str, str] = {}
+        self._stored: dict[str, str] = {}
+        for stored, fname in weight_map.items():
+            name = rename(stored) if rename else stored
+            if name in self._files:
+                raise ConversionError(f"--hf-path {self.folder}: tensor {name} stored twice")
+            self._files[name] = fname
+            self._stored[name] = stored
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            path = self.folder / fname
+            if not path.is_file():
+                raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
+            h = self._handles[fname] = safe_open(str(path), "pt")
+        return h
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._files:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
+        return self._handle(self._files[key]).get_tensor(self._stored[key])
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self._handle(self._files[key]).get_slice(self._stored[key]).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        st = self._handle(self._files[key]).get_slice(self._stored[key]).get_dtype()
+        return _ST_TO_DTYPE[st]
+
+    def total_bytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in set(self._files.values()))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_config_json(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"--hf-path {folder}: no config.json")
+    return json.loads(path.read_text())
+
+
+def load_hf_config(folder: str | Path):
+    """transformers' config object (fills defaults that config.json may omit). Offline."""
+    read_config_json(folder)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # unknown model_type etc.
+        raise ConversionError(f"--hf-path {folder}: transformers cannot read config.json: "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(entries: Sequence[tuple[str, tuple, torch.dtype]], max_shard_bytes: int,
+                groups: Sequence[int] | None = None) -> list[list[int]]:
+    """Split entry indices into shards of at most ``max_shard_bytes`` (a single larger tensor gets
+    its own shard). ``groups`` (entry -> group id) keeps a group's entries in one shard."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    i = 0
+    n = len(entries)
+    while i < n:
+        j = i + 1
+        if groups is not None:
+            while j < n and groups[j] == groups[i]:
+                j += 1
+        block = sum(_nbytes(entries[k][1], entries[k][2]) for k in range(i, j))
+        if shards[-1] and size + block > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(range(i, j))
+        size += block
+        i = j
+    return shards
+
+
+def _header(entries: Sequence[tuple[str, tuple, torch.dtype]], metadata: dict | None) -> bytes:
+    head: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        n = _nbytes(shape, dtype)
+        head[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": [int(s) for s in shape],
+                      "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_tensor(f, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return
+    f.write(memoryview(t.view(torch.uint8).numpy()))
+
+
+def write_safetensors_shards(out_dir: str | Path, entries: Sequence[tuple[str, tuple, torch.dtype]],
+                             tensors: Iterator[tuple[str, torch.Tensor]],
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                             groups: Sequence[int] | None = None, prefix: str = "model",
+                             index_metadata: dict | None = None) -> dict:
+    """Write ``prefix-0000k-of-0000n.safetensors`` + ``prefix.safetensors.index.json``.
+
+    ``entries`` = planned ``(name, shape, dtype)`` in the order ``tensors`` yields them; each
+    yielded tensor is checked against its entry and written straight to disk."""
+    out_dir = Path(out_dir)
+    shards = plan_shards(entries, max_shard_bytes, groups)
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s, idx in enumerate(shards):
+        fname = f"{prefix}-{s + 1:05d}-of-{n:05d}.safetensors"
+        shard_entries = [entries[k] for k in idx]
+        with open(out_dir / fname, "wb") as f:
+            f.write(_header(shard_entries, {"format": "pt"}))
+            for name, shape, dtype in shard_entries:
+                try:
+                    got_name, t = next(tensors)
+                except StopIteration:
+                    raise ConversionError(f"internal: producer ended before {name}") from None
+                if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise ConversionError(f"internal: planned {name} {tuple(shape)} {dtype}, produced "
+                                          f"{got_name} {tuple(t.shape)} {t.dtype}")
+                _write_tensor(f, t)
+                weight_map[name] = fname
+                total += _nbytes(shape, dtype)
+                del t
+    extra = next(tensors, None)
+    if extra is not None:
+        raise ConversionError(f"internal: producer yielded unplanned tensor {extra[0]}")
+    index = {"metadata": {"total_size": total, **(index_metadata or {})}, "weight_map": weight_map}
+    (out_dir / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def write_single_safetensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    entries = [(k, tuple(t.shape), t.dtype) for k, t in tensors.items()]
+    with open(path, "wb") as f:
+        f.write(_header(entries, {"format": "pt"}))
+        for t in tensors.values():
+            _write_tensor(f, t)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer / processor files (not weights, not config.json) from ``src`` to ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"--tokenizer-path {src}: not a directory")
+    copied = []
+    for pattern in TOKENIZER_PATTERNS:
+        for p in sorted(src.glob(pattern)):
+            if p.is_file() and p.name not in copied and not p.name.endswith(".safetensors"):
+                shutil.copy2(p, dst / p.name)
+                copied.append(p.name)
+    if not any(n.startswith("tokenizer") or n.endswith((".model", ".tiktoken")) or n.startswith("vocab.")
+               for n in copied):
+        raise ConversionError(f"--tokenizer-path {src}: no tokenizer files found "
+                              f"(looked for {', '.join(TOKENIZER_PATTERNS[:5])}, ...)")
+    return copied
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic output folders
+# ------------------------------------------------------------------------------------------------
+
+def check_output_dir(target: str | Path, overwrite: bool, flag: str) -> Path:
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"{flag} {target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConversionError(f"{flag} {target}: exists and is not empty (pass --overwrite to replace it)")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False, flag: str = "--save"):
+    """Yield a fresh temp folder next to ``target``; on success it replaces ``target`` (only if
+    ``target`` is absent, empty, or ``overwrite``), on any error it is removed and ``target`` is
+    left untouched."""
+    target = check_output_dir(target, overwrite, flag).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def iter_files(folder: Path) -> Iterable[Path]:
+    return (p for p in folder.rglob("*") if p.is_file())

@@ -1,0 +1,218 @@
+"""The Megatron side: write a dist checkpoint from a stream of tensors, read one tensor at a time.
+
+Writing (import): one process builds the arch's model at TP=1/PP=1 (the only full copy in
+memory), fills it from the stream and saves it with ``training.checkpointing.save_checkpoint`` —
+megatron ``dist_checkpointing`` (torch_dist), which is layout-agnostic: ``pretrain_vlm.py --load``
+at any TP/PP reshards on load. The *target* layout (``--tensor-model-parallel-size`` etc.) is
+validated against the model (heads, groups, vocab, layers divisible) and recorded in the
+checkpoint's ``config.yaml``.
+
+Reading (export): no model is built. :class:`MegatronReader` asks megatron's loader for one global
+tensor (or one layer of a stacked tensor) at a time, whatever TP/PP the checkpoint was written at.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from megatron_vlm.config import Config, ParallelConfig, from_dict
+from megatron_vlm.conversion.mapping import ConversionError, key_report
+
+HF_SOURCE_DIR = "hf_source"          # inside iter_XXXXXXX/: what an import carries for export
+CARRIED_FILE = "carried.safetensors"  # HF tensors our model does not represent
+MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.")
+
+
+def ensure_runtime(tp: int = 1, pp: int = 1) -> None:
+    """Initialise the runtime for this process (a world of one unless launched otherwise)."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm import runtime
+    from megatron_vlm.runtime.launcher_env import detect, free_port
+
+    if parallel_state.model_parallel_is_initialized() and torch.distributed.is_initialized():
+        return
+    if detect().launcher == "none" and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())  # never collide with another local job
+    runtime.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def single_process_config(cfg: Config) -> Config:
+    local = copy.deepcopy(cfg)
+    local.parallel = ParallelConfig()
+    return local
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by state-dict key (no ``_extra_state``)."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items()
+            if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+
+
+@torch.no_grad()
+def fill_model(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]],
+               allow_missing: bool = False) -> list[str]:
+    """Copy each streamed tensor into the model. Returns the keys left unfilled (error unless
+    ``allow_missing``); any key the model does not have, or a shape mismatch, is an error."""
+    target = model_tensors(model)
+    filled, unexpected = set(), []
+    for key, t in tensors:
+        dst = target.get(key)
+        if dst is None:
+            unexpected.append(key)
+            continue
+        if tuple(dst.shape) != tuple(t.shape):
+            raise ConversionError(f"{key}: converted shape {tuple(t.shape)} does not match the model's "
+                                  f"{tuple(dst.shape)} (config mismatch)")
+        dst.copy_(t)
+        filled.add(key)
+        del t
+    missing = sorted(set(target) - filled)
+    if unexpected or (missing and not allow_missing):
+        raise ConversionError(key_report("megatron model", [] if allow_missing else missing, unexpected))
+    return missing
+
+
+def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None) -> Path:
+    """Write ``save_dir/iter_0000000`` + ``latest`` with the lead's checkpointing contract."""
+    from megatron_vlm.training.checkpointing import save_checkpoint
+
+    return Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {},
+                                non_homogeneous_layers=cfg.model.arch != "joint_decoder"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")
+# TE specs fuse the norms into the next linear: accept those names too when reading.
+_TE_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+               ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+
+
+class MegatronReader:
+    """One global (TP=1, PP=1 layout) tensor at a time from a dist checkpoint of any layout."""
+
+    def __init__(self, load_dir: str | Path, iteration: int | None = None):
+        from megatron_vlm.training.checkpointing import iteration_dir, read_config, read_latest
+
+        self.load_dir = Path(load_dir)
+        if not self.load_dir.is_dir():
+            raise ConversionError(f"--load {self.load_dir}: not a directory")
+        it = read_latest(self.load_dir) if iteration is None else iteration
+        if it is None:
+            raise ConversionError(f"--load {self.load_dir}: no 'latest' file: not a checkpoint directory")
+        self.iteration = it
+        self.dir = iteration_dir(self.load_dir, it)
+        if not self.dir.is_dir():
+            raise ConversionError(f"--load {self.load_dir}: 'latest' names iteration {it} but {self.dir} is missing")
+        raw = read_config(self.load_dir, it)
+        if not raw:
+            raise ConversionError(f"--load {self.load_dir}: {self.dir}/config.yaml is missing; cannot "
+                                  f"tell the model's shape")
+        self.config: Config = from_dict(raw)
+        from megatron.core import dist_checkpointing
+
+        ensure_runtime()
+        self._dc = dist_checkpointing
+        meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
+        self.meta = {k: v for k, v in meta.items() if hasattr(v, "global_shape")}
+        self.hf_source = self.dir / HF_SOURCE_DIR
+
+    # -- key resolution -------------------------------------------------------------------------
+    def _candidates(self, key: str) -> list[str]:
+        out = [key]
+        for local, te in _TE_ALIASES:
+            if local in key:
+                out.append(key.replace(local, te))
+        return out
+
+    def locate(self, key: str) -> tuple[str, int | None, int | None] | None:
+        """``(stored key, layer index, stacked layers)``: stacked when the checkpoint was saved with
+        homogeneous layers (one ``...layers.<param>`` tensor with a leading layer axis)."""
+        for cand in self._candidates(key):
+            if cand in self.meta:
+                return cand, None, None
+            m = _LAYER.match(cand)
+            if m:
+                stacked = m.group(1) + m.group(3)
+                if stacked in self.meta:
+                    return stacked, int(m.group(2)), self.meta[stacked].global_shape[0]
+        return None
+
+    def model_keys(self) -> set[str]:
+        """Every model tensor in the checkpoint, named per layer in our local-spec names."""
+        out = set()
+        for k, sh in self.meta.items():
+            if not k.startswith(MODEL_PREFIXES) or "_extra_state" in k:
+                continue
+            name = k
+            for local, te in _TE_ALIASES:
+                name = name.replace(te, local)
+            if ".layers." in name and not _LAYER.match(name):  # stacked: leading layer axis
+                prefix, rest = name.split(".layers.", 1)
+                out.update(f"{prefix}.layers.{i}.{rest}" for i in range(sh.global_shape[0]))
+            else:
+                out.add(name)
+        return out
+
+    def shape(self, key: str) -> tuple:
+        loc = self.locate(key)
+        if loc is None:
+            raise ConversionError(f"--load {self.load_dir}: tensor {key} not in the checkpoint")
+        stored, idx, _ = loc
+        shape = tuple(self.meta[stored].global_shape)
+        return shape[1:] if idx is not None else shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        loc = self.locate(key)
+        return self.meta[loc[0]].dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.get_many([key])[key]
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        request = {}
+        for key in keys:
+            loc = self.locate(key)
+            if loc is None:
+                raise ConversionError(f"--load {self.load_dir}: tensor {key} not in the checkpoint")
+            stored, idx, n = loc
+            sh = self.meta[stored]
+            buf = torch.empty(self.shape(key), dtype=sh.dtype)
+            if idx is None:
+                request[key] = ShardedTensor.from_rank_offsets(stored, buf, replica_id=0)
+            else:
+                request[key] = ShardedTensor.from_rank_offsets(stored, buf, (0, idx, n), replica_id=0,
+                                                               prepend_axis_num=1)
+        return self._dc.load(request, str(self.dir), validate_access_integrity=False)
+
+    # -- what an import carried --------------------------------------------------------------------
+    def hf_source_config(self) -> dict | None:
+        path = self.hf_source / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def carried(self) -> Iterator[str]:
+        path = self.hf_source / CARRIED_FILE
+        if not path.is_file():
+            return iter(())
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return iter(list(f.keys()))
+
+    def carried_reader(self):
+        from safetensors import safe_open
+
+        path = self.hf_source / CARRIED_FILE
+        return safe_open(str(path), "pt") if path.is_file() else None
