@@ -1,6 +1,7 @@
 """Layer specs shared by every arch, for the two backends.
 
-* ``local``: megatron-core's own parallel linears and ``DotProductAttention`` (pure torch; CPU and GPU).
+* ``local``: megatron-core's own parallel linears + ``SDPAttention`` (torch's fused
+  scaled-dot-product attention in megatron's core-attention contract; CPU and GPU).
 * ``te``: Transformer Engine modules (GPU only; FP8 capable). Chosen by ``backend="auto"`` when TE
   imports and CUDA is present.
 
@@ -20,13 +21,14 @@ import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_vlm.models.attention import SDPAttention
 
 BACKENDS = ("local", "te")
 
@@ -113,7 +115,7 @@ def self_attention_spec(backend: str, mask_type: AttnMaskType) -> ModuleSpec:
                                       linear_proj=te.TERowParallelLinear)
     else:
         sub = SelfAttentionSubmodules(linear_qkv=ColumnParallelLinear,
-                                      core_attention=DotProductAttention,
+                                      core_attention=SDPAttention,
                                       linear_proj=RowParallelLinear)
     return ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type}, submodules=sub)
 

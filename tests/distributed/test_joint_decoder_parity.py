@@ -55,18 +55,29 @@ def reference(tmp_path_factory):
     return cfg, mbs, root, loss
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_parallel_matches_single_rank(reference, layout):
+@pytest.fixture(scope="module")
+def parallel_runs(reference):
+    """Every layout's losses, then ONE comparison run over all their gradient checkpoints."""
     cfg, mbs, root, ref_loss = reference
-    world, tp, pp, sp = LAYOUTS[layout]
-    pcfg = with_parallel(cfg, tp, pp, sp)
-    grads = root / f"grads_{layout}"
-    losses = run_distributed(parity.parallel_step, world, pcfg, mbs, str(root / "weights"), str(grads))
-    for rank_loss in losses:
+    losses = {}
+    for layout, (world, tp, pp, sp) in LAYOUTS.items():
+        losses[layout] = run_distributed(parity.parallel_step, world, with_parallel(cfg, tp, pp, sp), mbs,
+                                         str(root / "weights"), str(root / f"grads_{layout}"))
+    dirs = [str(root / f"grads_{layout}") for layout in LAYOUTS] + [str(root / "weights")]
+    (results,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref_grads"), dirs)
+    return ref_loss, losses, dict(zip(list(LAYOUTS) + ["control"], results))
+
+
+def test_comparison_can_fail(parallel_runs):
+    _, _, results = parallel_runs
+    assert results["control"]["max_rel_diff"] > 1e-2, results["control"]  # weights are not gradients
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_matches_single_rank(parallel_runs, layout):
+    ref_loss, losses, results = parallel_runs
+    for rank_loss in losses[layout]:
         assert abs(rank_loss - ref_loss) <= LOSS_RTOL * abs(ref_loss), (layout, rank_loss, ref_loss)
-    (result,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref_grads"),
-                                [str(grads), str(root / "weights")])
-    r, control = result
-    assert control["max_rel_diff"] > 1e-2, control  # the comparison does see a different checkpoint
+    r = results[layout]
     assert r["nonzero_ref"] > 20 and r["tensors"] >= r["nonzero_ref"], r
     assert r["max_rel_diff"] <= GRAD_RTOL, (layout, r)
