@@ -70,6 +70,9 @@ def initialize(
         device = torch.device("cpu")
         backend = "gloo"
 
+    from megatron_vlm.runtime import megatron_fixes
+
+    megatron_fixes.apply()
     mp = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if launch.world_size % mp:
         raise ValueError(
