@@ -10,6 +10,7 @@ Layout of a YAML file (every key optional; defaults below)::
                  vocab_size, seq_length, rotary_base}
       cross_attention: {every: 4, layers: null}   # cross_attention arch only
       freeze_vision: false
+      freeze_projector: false
       freeze_language: false
     parallel: {tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size,
                context_parallel_size, sequence_parallel, virtual_pipeline_model_parallel_size}
@@ -47,6 +48,9 @@ class VisionConfig:
     layernorm_epsilon: float = 1e-5
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # a transformers vision tower used as is instead of megatron's CLIP ViT (its HF config dict,
+    # e.g. Mllama's 'mllama_vision_model'); see megatron_vlm/models/hf_vision.py
+    hf_config: dict | None = None
 
     @property
     def num_patches(self) -> int:
@@ -76,6 +80,9 @@ class LanguageConfig:
 class CrossAttentionConfig:
     every: int = 4          # a cross-attention layer after every `every` self-attention layers
     layers: list[int] | None = None  # explicit global indices in the combined layer list (wins)
+    # text rows that may attend no image: "zero" (Meta's reference: the CA layer adds exactly 0)
+    # or "hf" (transformers' Mllama: the attention branch still adds gated attention over all images)
+    text_rows_without_image: str = "zero"
 
 
 @dataclass
@@ -87,8 +94,9 @@ class ModelConfig:
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     projector: str = "mlp"            # megatron MultimodalProjector type: mlp | affine
     drop_vision_class_token: bool = True
-    freeze_vision: bool = False
-    freeze_language: bool = False
+    freeze_vision: bool = False       # the vision encoder
+    freeze_projector: bool = False    # the vision -> language projector
+    freeze_language: bool = False     # the language decoder (cross-attention layers included)
     image_token_id: int | None = None  # None: the tokenizer's image token (vocab_size - 1 if no tokenizer)
 
     @property
@@ -170,6 +178,19 @@ PROJECTORS = ("mlp", "affine")
 # Loading
 # ----------------------------------------------------------------------------------------------
 
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Float fields accept ints and numeric strings: YAML 1.1 reads ``1e-3`` (no dot) as a string."""
+    if str(f.type).startswith("float") and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}={value!r}: must be a number") from None
+    return value
+
+
 def _build(cls, data: dict | None, where: str):
     data = data or {}
     if not isinstance(data, dict):
@@ -185,6 +206,7 @@ def _build(cls, data: dict | None, where: str):
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
+            value = _coerce(f, value, f"{where}.{name}")
             kwargs[name] = tuple(value) if isinstance(f.default, tuple) and isinstance(value, list) else value
     return cls(**kwargs)
 
@@ -220,6 +242,7 @@ FLAG_MAP: dict[str, tuple[str, ...]] = {
     "context_parallel_size": ("parallel", "context_parallel_size"),
     "sequence_parallel": ("parallel", "sequence_parallel"),
     "freeze_vision": ("model", "freeze_vision"),
+    "freeze_projector": ("model", "freeze_projector"),
     "freeze_language": ("model", "freeze_language"),
     "transformer_impl": ("model", "backend"),
     "data_path": ("data", "data_path"),
@@ -234,18 +257,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=str, default=None, help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set model.vision.num_layers=4")
-    bool_flags = {"sequence_parallel", "freeze_vision", "freeze_language", "bf16",
+    bool_flags = {"sequence_parallel", "freeze_vision", "freeze_projector", "freeze_language", "bf16",
                   "use_distributed_optimizer"}
-    types = {}
-    for section in (LanguageConfig, ParallelConfig, TrainingConfig):
-        for f in dataclasses.fields(section):
-            types.setdefault(f.name, f.type)
-    for name in FLAG_MAP:
+    for name, path in FLAG_MAP.items():
         flag = "--" + name.replace("_", "-")
         if name in bool_flags:
             parser.add_argument(flag, action="store_true", default=None)
             continue
-        t = str(types.get(name, "str"))
+        t = str(_field(path).type)  # the type of the config field the flag sets
         conv = int if t.startswith("int") else float if t.startswith("float") else str
         parser.add_argument(flag, type=conv, default=None)
     parser.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
@@ -253,15 +272,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _field(path: Sequence[str]) -> dataclasses.Field:
+    """The dataclass field at ``path`` (e.g. ``("model", "language", "num_layers")``)."""
+    cls, f = Config, None
+    for part in path:
+        f = {x.name: x for x in dataclasses.fields(cls)}[part]
+        cls = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+    return f
+
+
 def _set_path(cfg: Config, path: Sequence[str], value: Any, source: str) -> None:
     obj = cfg
     for part in path[:-1]:
-        if not hasattr(obj, part):
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
             raise ConfigError(f"{source}: unknown config section {part!r}")
         obj = getattr(obj, part)
-    if not dataclasses.is_dataclass(obj) or path[-1] not in {f.name for f in dataclasses.fields(obj)}:
+    known = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+    if path[-1] not in known:
         raise ConfigError(f"{source}: unknown config key {'.'.join(path)!r}")
-    setattr(obj, path[-1], value)
+    if dataclasses.is_dataclass(getattr(obj, path[-1])):
+        raise ConfigError(f"{source}: {'.'.join(path)!r} is a config section; set one of its keys "
+                          f"({sorted(f.name for f in dataclasses.fields(getattr(obj, path[-1])))})")
+    setattr(obj, path[-1], _coerce(known[path[-1]], value, f"{source}: {'.'.join(path)}"))
 
 
 def from_args(args: argparse.Namespace) -> Config:
@@ -326,7 +358,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(obj.hidden_size % obj.num_attention_heads == 0,
                  f"{section}.hidden_size={obj.hidden_size}: must be divisible by "
                  f"{section}.num_attention_heads={obj.num_attention_heads}")
-    groups = lang.num_query_groups or lang.num_attention_heads
+    groups = lang.num_query_groups if lang.num_query_groups is not None else lang.num_attention_heads
     _positive("model.language.num_query_groups", groups)
     _require(lang.num_attention_heads % groups == 0,
              f"model.language.num_query_groups={groups}: must divide "
@@ -365,6 +397,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         ca = m.cross_attention
         if ca.layers is None:
             _positive("model.cross_attention.every", ca.every)
+        _require(ca.text_rows_without_image in ("zero", "hf"),
+                 f"model.cross_attention.text_rows_without_image={ca.text_rows_without_image!r}: allowed ['zero', 'hf']")
     _require(t.lr_decay_style in LR_DECAY_STYLES,
              f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
     _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
@@ -374,7 +408,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                  f"training.fp8_format={t.fp8_format!r}: needs model.backend 'te' or 'auto' (Transformer Engine), not 'local'")
         _require(t.fp8_recipe in FP8_RECIPES,
                  f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
-    _require(t.lr > 0, f"training.lr={t.lr}: must be > 0")
+    _require(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and t.lr > 0,
+             f"training.lr={t.lr!r}: must be a number > 0")
 
     if world_size is not None:
         mp = tp * pp * p.context_parallel_size

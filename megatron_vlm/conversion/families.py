@@ -40,6 +40,14 @@ class Family:
     def unused_hf_keys(self, hf_config, model_config) -> list[str]:
         return []
 
+    def base_matches(self, model_config, base: dict) -> bool:
+        """Whether the HF config an import started from still describes ``model_config``."""
+        return False
+
+    def fill_unused(self, key: str, hf_config):
+        """A neutral value for an unused HF tensor when no carried copy exists (or None)."""
+        return None
+
     def hf_model_class(self):
         raise NotImplementedError
 
@@ -51,11 +59,7 @@ def register(cls):
 
 
 def _load_all() -> None:
-    from megatron_vlm.conversion import llava  # noqa: F401
-    try:
-        from megatron_vlm.conversion import mllama  # noqa: F401
-    except ImportError:  # the cross_attention arch or its text map is not available yet
-        pass
+    from megatron_vlm.conversion import llava, mllama  # noqa: F401  (register the families)
 
 
 def family_for_hf(architectures: list[str] | None, model_type: str | None, where: str) -> Family:

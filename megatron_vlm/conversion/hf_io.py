@@ -1,7 +1,8 @@
 """HF folders: streaming safetensors reader/writer, config.json, tokenizer files, atomic output.
 
-Reading never loads a whole checkpoint: :class:`HFReader` opens each safetensors file memory-mapped
-and materialises one tensor per ``get``. Writing is streamed too: :func:`write_safetensors_shards`
+Reading never loads a whole checkpoint: :class:`HFReader` parses each safetensors header and reads
+one tensor per ``get`` with plain file I/O (no mmap, so converted tensors' pages do not linger in
+the process's resident set). Writing is streamed too: :func:`write_safetensors_shards`
 is given the plan (names, shapes, dtypes) first, writes each shard's header, then each tensor's
 bytes as the producer yields it — only the tensors of one map entry are alive at a time.
 """
@@ -82,16 +83,27 @@ class HFReader:
                 raise ConversionError(f"--hf-path {self.folder}: tensor {name} stored twice")
             self._files[name] = fname
             self._stored[name] = stored
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
-    def _handle(self, fname: str):
-        h = self._handles.get(fname)
+    def _header(self, fname: str) -> tuple[int, dict]:
+        """(data start offset, header dict) of one safetensors file."""
+        h = self._headers.get(fname)
         if h is None:
             path = self.folder / fname
             if not path.is_file():
                 raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
-            h = self._handles[fname] = safe_open(str(path), "pt")
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            h = self._headers[fname] = (8 + n, header)
         return h
+
+    def _entry(self, key: str) -> tuple[Path, int, dict]:
+        if key not in self._files:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
+        fname = self._files[key]
+        start, header = self._header(fname)
+        return self.folder / fname, start, header[self._stored[key]]
 
     def keys(self) -> list[str]:
         return list(self._files)
@@ -100,22 +112,32 @@ class HFReader:
         return key in self._files
 
     def get(self, key: str) -> torch.Tensor:
-        if key not in self._files:
-            raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
-        return self._handle(self._files[key]).get_tensor(self._stored[key])
+        """One tensor, read with plain file I/O into fresh memory (no mmap: pages of tensors
+        already converted do not stay resident)."""
+        path, start, e = self._entry(key)
+        if e["dtype"] not in _ST_TO_DTYPE:
+            raise ConversionError(f"{key}: safetensors dtype {e['dtype']} is not supported")
+        t = torch.empty(e["shape"], dtype=_ST_TO_DTYPE[e["dtype"]])
+        begin, end = e["data_offsets"]
+        if end > begin:
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                if f.readinto(view) != end - begin:
+                    raise ConversionError(f"--hf-path {self.folder}: {path.name} is truncated at {key}")
+        return t
 
     def shape(self, key: str) -> tuple:
-        return tuple(self._handle(self._files[key]).get_slice(self._stored[key]).get_shape())
+        return tuple(self._entry(key)[2]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        st = self._handle(self._files[key]).get_slice(self._stored[key]).get_dtype()
-        return _ST_TO_DTYPE[st]
+        return _ST_TO_DTYPE[self._entry(key)[2]["dtype"]]
 
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self._files.values()))
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
 
 
 def read_config_json(folder: str | Path) -> dict:

@@ -82,12 +82,15 @@ def pad_vocab(vocab: int, multiple: int) -> int:
 
 def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
                             tie_word_embeddings: bool | None = None, where: str = "text_config",
-                            max_seq_length: int = 4096) -> LanguageConfig:
-    """``LlamaConfig`` -> our LanguageConfig. Raises ConversionError (one line) for what our
+                            max_seq_length: int = 4096, model_types=("llama",),
+                            embedding_rows: int | None = None) -> LanguageConfig:
+    """``LlamaConfig`` (or a config of the same decoder, e.g. Mllama's text config) -> our
+    LanguageConfig. ``embedding_rows``: rows the HF embedding has when they exceed ``vocab_size``
+    (the Megatron vocab is padded to cover them). Raises ConversionError (one line) for what our
     Llama-style decoder cannot represent."""
     mt = getattr(tc, "model_type", None)
-    if mt not in ("llama",):
-        raise ConversionError(f"{where}.model_type={mt!r}: only 'llama' text decoders are supported")
+    if mt not in model_types:
+        raise ConversionError(f"{where}.model_type={mt!r}: supported text decoders: {list(model_types)}")
     act = getattr(tc, "hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"{where}.hidden_act={act!r}: our decoder uses SwiGLU (silu) only")
@@ -109,7 +112,8 @@ def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
     return LanguageConfig(
         num_layers=tc.num_hidden_layers, hidden_size=tc.hidden_size, num_attention_heads=heads,
         num_query_groups=kv, ffn_hidden_size=tc.intermediate_size,
-        vocab_size=pad_vocab(tc.vocab_size, vocab_multiple), unpadded_vocab_size=tc.vocab_size,
+        vocab_size=pad_vocab(max(tc.vocab_size, embedding_rows or 0), vocab_multiple),
+        unpadded_vocab_size=tc.vocab_size,
         seq_length=min(tc.max_position_embeddings, max_seq_length), rotary_base=theta,
         layernorm_epsilon=tc.rms_norm_eps, untie_embeddings_and_output_weights=not tie)
 

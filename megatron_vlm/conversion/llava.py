@@ -20,6 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.conversion import clip, llama
 from megatron_vlm.conversion.families import Family, prefix_renamer, register
@@ -110,9 +112,7 @@ class Llava(Family):
         from transformers import LlavaConfig
 
         if base is not None:
-            cfg = LlavaConfig.from_dict(base)
-            if structure(self.model_config_from_hf(cfg, None, 1)) == structure(mc):
-                return cfg
+            return LlavaConfig.from_dict(base)
         hf_vocab = llama.hf_vocab_size(mc.language)
         image_token = mc.image_token_id if mc.image_token_id is not None else mc.language.vocab_size - 1
         if image_token >= hf_vocab:
@@ -137,5 +137,57 @@ class Llava(Family):
                 + llama.pairs(mc.language, "language_model.", "language_model.model.",
                               "language_model.lm_head.weight"))
 
+    def base_matches(self, mc: ModelConfig, base: dict) -> bool:
+        from transformers import LlavaConfig
+
+        try:
+            theirs = self.model_config_from_hf(LlavaConfig.from_dict(base), None, 1)
+        except ConversionError:
+            return False
+        return structure(theirs) == structure(mc)
+
+    def fill_unused(self, key: str, hf):
+        h = hf.vision_config.hidden_size
+        if key == "vision_tower.post_layernorm.weight":
+            return torch.ones(h)
+        if key == "vision_tower.post_layernorm.bias":
+            return torch.zeros(h)
+        return None
+
     def unused_hf_keys(self, hf, mc: ModelConfig) -> list[str]:
         return clip.unused_keys(hf.vision_config.num_hidden_layers, mc.vision.num_layers, "vision_tower.")
+
+    # ---- verify / generate inputs -----------------------------------------------------------
+    def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> dict:
+        """``[t0] + image tokens (one image) + text``: the expanded form both sides expect."""
+        g = torch.Generator().manual_seed(seed)
+        vocab = llama.hf_vocab_size(mc.language)
+        image_token = mc.image_token_id if mc.image_token_id is not None else mc.language.vocab_size - 1
+        text = torch.randint(0, vocab, (text_len,), generator=g)
+        text[text == image_token] = (image_token + 1) % vocab
+        tokens = torch.cat([text[:1], torch.full((mc.num_image_tokens,), image_token), text[1:]])
+        size = mc.vision.image_size
+        return {"tokens": tokens[None], "images": torch.randn(1, 3, size, size, generator=g)}
+
+    def megatron_logits(self, model, inputs: dict) -> torch.Tensor:
+        tokens, images = inputs["tokens"], inputs["images"]
+        dtype = next(model.parameters()).dtype
+        pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+        return model(tokens, pos, images=images[:, None].to(dtype),
+                     image_mask=torch.ones(tokens.shape[0], 1, dtype=torch.bool))
+
+    def hf_logits(self, hf_model, inputs: dict) -> torch.Tensor:
+        dtype = next(hf_model.parameters()).dtype
+        return hf_model(input_ids=inputs["tokens"], pixel_values=inputs["images"].to(dtype),
+                        attention_mask=torch.ones_like(inputs["tokens"])).logits
+
+    def append_token(self, inputs: dict, token: int) -> dict:
+        return {**inputs, "tokens": torch.cat([inputs["tokens"], torch.tensor([[token]])], dim=1)}
+
+    def hf_generate(self, hf_model, inputs: dict, max_new_tokens: int) -> list[int]:
+        dtype = next(hf_model.parameters()).dtype
+        tokens = inputs["tokens"]
+        out = hf_model.generate(input_ids=tokens, pixel_values=inputs["images"].to(dtype),
+                                attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=0)
+        return out[0, tokens.shape[1]:].tolist()

@@ -7,6 +7,8 @@ plus the :class:`Op` that converts between them. Ops are the only place tensors 
 * :class:`QKV`                  ``q_proj/k_proj/v_proj`` <-> megatron's fused ``linear_qkv`` whose
                                 rows are interleaved per query group ``[q heads of g; k_g; v_g]``
                                 (weights and biases; MHA is the case groups == heads)
+* :class:`KV`                   cross-attention ``k_proj/v_proj`` <-> ``linear_kv`` rows per query
+                                group ``[k_g; v_g]``
 * :class:`GateUp`               ``gate_proj/up_proj`` <-> SwiGLU ``linear_fc1`` = ``cat([gate, up])``
 * :class:`PadRows`              embeddings / output layer padded with zero rows to the Megatron vocab
 * :class:`Reshape`              same data, other shape (CLIP ``class_embedding`` <-> ``class_token``)
@@ -68,6 +70,22 @@ def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int
     k = g[:, per * d:(per + 1) * d].reshape(num_groups * d, *rest).contiguous()
     v = g[:, (per + 1) * d:].reshape(num_groups * d, *rest).contiguous()
     return q, k, v
+
+
+def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Cross-attention ``linear_kv`` (K/V from the image side): rows per query group ``[k_g; v_g]``."""
+    if k.shape != v.shape or k.shape[0] % num_groups:
+        raise ConversionError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not split into {num_groups} groups")
+    d = k.shape[0] // num_groups
+    rest = k.shape[1:]
+    return torch.cat([k.reshape(num_groups, d, *rest), v.reshape(num_groups, d, *rest)],
+                     dim=1).reshape(2 * num_groups * d, *rest)
+
+
+def split_kv(kv: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rest = kv.shape[1:]
+    g = kv.reshape(num_groups, 2, kv.shape[0] // (2 * num_groups), *rest)
+    return (g[:, 0].reshape(-1, *rest).contiguous(), g[:, 1].reshape(-1, *rest).contiguous())
 
 
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -147,6 +165,21 @@ class QKV(Op):
         d = shape[0] // (self.num_heads + 2 * self.num_groups)
         rest = tuple(shape[1:])
         return [(self.num_heads * d, *rest), (self.num_groups * d, *rest), (self.num_groups * d, *rest)]
+
+
+@dataclass(frozen=True)
+class KV(Op):
+    num_groups: int
+    n_hf = 2
+
+    def to_mcore(self, hf):
+        return fuse_kv(*hf, self.num_groups)
+
+    def to_hf(self, t):
+        return split_kv(t, self.num_groups)
+
+    def hf_shapes(self, shape):
+        return [(shape[0] // 2, *shape[1:])] * 2
 
 
 @dataclass(frozen=True)

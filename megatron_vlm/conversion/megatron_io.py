@@ -180,22 +180,23 @@ class MegatronReader:
         return self.get_many([key])[key]
 
     def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-        request = {}
+        """Read the global tensors ``keys`` (a layer of a stacked tensor reads only that layer)."""
+        requests = {}
         for key in keys:
             loc = self.locate(key)
             if loc is None:
                 raise ConversionError(f"--load {self.load_dir}: tensor {key} not in the checkpoint")
-            stored, idx, n = loc
+            stored, idx, _ = loc
             sh = self.meta[stored]
-            buf = torch.empty(self.shape(key), dtype=sh.dtype)
             if idx is None:
-                request[key] = ShardedTensor.from_rank_offsets(stored, buf, replica_id=0)
+                buf = torch.empty(tuple(sh.global_shape), dtype=sh.dtype)
+                offsets = (0,) * buf.dim()
             else:
-                request[key] = ShardedTensor.from_rank_offsets(stored, buf, (0, idx, n), replica_id=0,
-                                                               prepend_axis_num=1)
-        return self._dc.load(request, str(self.dir), validate_access_integrity=False)
+                buf = torch.empty((1,) + tuple(sh.global_shape[1:]), dtype=sh.dtype)
+                offsets = (idx,) + (0,) * (buf.dim() - 1)
+            requests[key] = (stored, buf, offsets)
+        _read_regions(self.dir, list(requests.values()))
+        return {k: (buf[0] if self.locate(k)[1] is not None else buf) for k, (_, buf, _) in requests.items()}
 
     # -- what an import carried --------------------------------------------------------------------
     def hf_source_config(self) -> dict | None:
@@ -216,3 +217,38 @@ class MegatronReader:
 
         path = self.hf_source / CARRIED_FILE
         return safe_open(str(path), "pt") if path.is_file() else None
+
+
+def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]]) -> None:
+    """Fill each ``buf`` with the region at ``offsets`` of the stored global tensor ``key``.
+
+    Uses torch.distributed.checkpoint directly with a planner that asks for exactly these regions
+    (megatron's own loader cannot request a sub-region in a world of one). Needs no process group.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    by_fqn = {}
+    for key, buf, offsets in requests:
+        fqn = key if key not in by_fqn else None
+        if fqn is None:
+            raise ConversionError(f"internal: {key} requested twice in one read")
+        by_fqn[key] = (buf, offsets)
+
+    class RegionPlanner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for fqn, (buf, offsets) in by_fqn.items():
+                md = self.metadata.state_dict_metadata[fqn]
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+                items += create_read_items_for_chunk_list(fqn, md, [chunk])
+            return LoadPlan(items)
+
+        def lookup_tensor(self, index):
+            return by_fqn[index.fqn][0]
+
+    dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt_dir)), planner=RegionPlanner(),
+             no_dist=True)

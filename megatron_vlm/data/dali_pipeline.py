@@ -1,10 +1,10 @@
 """The DALI graphs of the data layer and the glue around them.
 
 ``image_pipeline``: ``fn.readers.webdataset`` (this data-parallel rank's slice: ``shard_id=dp_rank,
-num_shards=dp_size``) -> decode (``"cpu"`` without CUDA, ``"mixed"`` with it) -> resize the shorter
-side to ``image_size`` -> centre crop ``image_size`` x ``image_size`` -> normalise with mean/std
-(given on the 0..1 scale, applied to 0..255 pixels) -> float32 CHW. Outputs: images
-``[b, 3, image_size, image_size]`` and the raw json bytes of each sample.
+num_shards=dp_size``) -> decode the centre square (``"cpu"`` without CUDA, ``"mixed"`` with it)
+-> resize to ``image_size`` x ``image_size`` (equivalent to: shorter side to ``image_size``, centre
+crop) -> normalise with mean/std (given on the 0..1 scale, applied to 0..255 pixels) -> float32
+CHW. Outputs: images ``[b, 3, image_size, image_size]`` and the raw json bytes of each sample.
 
 ``reader_pipeline``: the same reader alone. It advances the reader cheaply (no decoding) to resume
 mid-epoch; :func:`transplant_reader_state` then moves its reader state into an image pipeline's
@@ -68,11 +68,15 @@ def _pipeline_kwargs(batch_size: int, num_threads: int, device_id: int | None, s
 @pipeline_def
 def _image_graph(reader: ReaderSpec, image: ImageSpec, decode_device: str):
     encoded, meta = reader.read()
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-    images = fn.resize(images, resize_shorter=image.image_size, interp_type=types.INTERP_LINEAR,
-                       antialias=True)
+    # centre square of side min(H, W), decoded as a region of interest, then resized to S x S:
+    # the same pixels as "resize the shorter side to S, centre crop S x S", with less decoding
+    height_width = fn.peek_image_shape(encoded, dtype=types.FLOAT)[0:2]
+    side = fn.reductions.min(height_width)
+    images = fn.decoders.image_crop(encoded, device=decode_device, output_type=types.RGB,
+                                    crop_w=side, crop_h=side, crop_pos_x=0.5, crop_pos_y=0.5)
+    size = image.image_size
+    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
     images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      crop=(image.image_size, image.image_size),
                                       mean=[255.0 * m for m in image.mean], std=[255.0 * s for s in image.std])
     return images, meta
 

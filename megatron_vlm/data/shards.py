@@ -309,26 +309,28 @@ def _write_json(path: Path, data: dict) -> None:
 # Reading
 # ------------------------------------------------------------------------------------------------
 
+def _index_count(header: str, path) -> int:
+    version, count = header.split()
+    if version != INDEX_VERSION:
+        raise ValueError(f"index {path}: version {version!r}, expected {INDEX_VERSION}")
+    return int(count)
+
+
 def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
     """Samples of a DALI index: per sample a list of (ext, offset, size, name) components."""
     lines = Path(path).read_text().splitlines()
-    version, count = lines[0].split()
-    if version != INDEX_VERSION:
-        raise ValueError(f"index {path}: version {version!r}, expected {INDEX_VERSION}")
     samples = []
-    for line in lines[1:1 + int(count)]:
+    for line in lines[1:1 + _index_count(lines[0], path)]:
         parts = line.split()
         samples.append([(parts[i], int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
                         for i in range(0, len(parts), 4)])
     return samples
 
 
-def index_count(path: Path) -> int:
+def index_count(path: str | os.PathLike) -> int:
+    """Number of samples an index lists (reads its header line only)."""
     with open(path) as f:
-        version, count = f.readline().split()
-    if version != INDEX_VERSION:
-        raise ValueError(f"index {path}: version {version!r}, expected {INDEX_VERSION}")
-    return int(count)
+        return _index_count(f.readline(), path)
 
 
 def list_shards(folder: str | os.PathLike) -> list[ShardInfo]:

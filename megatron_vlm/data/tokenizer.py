@@ -86,11 +86,7 @@ class Tokenizer:
         ``transformers.PreTrainedTokenizerFast`` / ``AutoTokenizer``)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._tok.encode_special_tokens = False  # not a property of the saved vocabulary
-        try:
-            _atomic_write(out / TOKENIZER_FILE, self._tok.to_str(pretty=True))
-        finally:
-            self._tok.encode_special_tokens = True
+        _atomic_write(out / TOKENIZER_FILE, self._tok.to_str(pretty=True))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "extra_special_tokens": {"image_token": IMAGE_TOKEN},
                   "model_max_length": 1_000_000_000, "clean_up_tokenization_spaces": False}

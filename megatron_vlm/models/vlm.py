@@ -169,20 +169,28 @@ class VLMModel(MegatronModule):
         self.vision_projection = None
         if self.add_encoder:
             v = cfg.vision
-            vision_config = vision_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
-            norm = specs.norm_module(self.backend)
-            self.vision_model = CLIPViTModel(
-                vision_config, specs.vision_layer_spec(self.backend), ln_pre_impl=norm,
-                ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
-                patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
+            if v.hf_config is not None:  # a transformers vision tower, used as is (e.g. Mllama's)
+                from megatron_vlm.models.hf_vision import build_hf_vision_encoder
+
+                self.vision_model = build_hf_vision_encoder(v.hf_config, dtype)
+            else:
+                vision_config = vision_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
+                norm = specs.norm_module(self.backend)
+                self.vision_model = CLIPViTModel(
+                    vision_config, specs.vision_layer_spec(self.backend), ln_pre_impl=norm,
+                    ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
+                    patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
             self.vision_projection = MultimodalProjector(
                 projector_transformer_config(cfg, parallel, dtype),
-                specs.projector_submodules(self.backend), cfg.projector, v.hidden_size)
+                specs.projector_submodules(self.backend), cfg.projector,
+                getattr(self.vision_model, "output_size", v.hidden_size))
+            if cfg.projector == "affine" and hasattr(self.vision_projection.encoder, "skip_bias_add"):
+                # megatron's affine projector gathers the TP output but then adds the rank's bias
+                # shard (shape error at TP > 1): add the bias before the gather instead
+                self.vision_projection.encoder.skip_bias_add = False
         self.language_model = self.build_language_model()
-        if cfg.freeze_vision:
-            self.freeze(vision=True)
-        if cfg.freeze_language:
-            self.freeze(language=True)
+        self.freeze(vision=cfg.freeze_vision, projector=cfg.freeze_projector,
+                    language=cfg.freeze_language)
 
     # ---- arch hooks ---------------------------------------------------------------------------
     def build_language_model(self) -> MegatronModule:
@@ -206,9 +214,11 @@ class VLMModel(MegatronModule):
         raise NotImplementedError
 
     # ---- shared pieces ------------------------------------------------------------------------
-    def freeze(self, vision: bool = False, language: bool = False) -> None:
-        modules = ([self.vision_model, self.vision_projection] if vision else []) + (
-            [self.language_model] if language else [])
+    def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
+        """Stop gradients of the vision encoder / projector / language model (LLaVA stage 1:
+        vision + language frozen, projector trained)."""
+        modules = ([self.vision_model] if vision else []) + (
+            [self.vision_projection] if projector else []) + ([self.language_model] if language else [])
         for module in modules:
             if module is not None:
                 for p in module.parameters():
@@ -231,7 +241,7 @@ class VLMModel(MegatronModule):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images ``[b, n, 3, H, W]`` -> projected features ``[b, n, k, h_lm]`` (k tokens per image)."""
         b, n = images.shape[:2]
-        images = images.to(self.vision_model.conv1.weight.dtype)
+        images = images.to(next(self.vision_model.parameters()).dtype)
         feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
         if self.cfg.vision.add_class_token and self.cfg.drop_vision_class_token:
             feats = feats[:, 1:]

@@ -18,7 +18,9 @@ _LAUNCHERS = (
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    # SLURM_NTASKS_PER_NODE exists only with --ntasks-per-node; SLURM_TASKS_PER_NODE ("4(x2)") always
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+     ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")),
 )
 
 DEFAULT_PORT_BASE = 29500
@@ -52,8 +54,11 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
 def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
     """Read rank/world/local rank from the launcher's environment variables."""
     env = os.environ if env is None else env
-    for name, rank_key, world_key, local_key, local_world_key in _LAUNCHERS:
+    for name, rank_key, world_key, local_key, local_world_keys in _LAUNCHERS:
         if rank_key in env and world_key in env:
+            if isinstance(local_world_keys, str):
+                local_world_keys = (local_world_keys,)
+            local_world_key = next((k for k in local_world_keys if k in env), local_world_keys[0])
             world = _int(env, world_key)
             rank = _int(env, rank_key)
             local_rank = _int(env, local_key, default=rank if name != "slurm" else 0)

@@ -107,6 +107,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
     dist_checkpointing.save(sharded, str(tmp), content_metadata=metadata)
     if _rank0():
         state = {"iteration": iteration, "extra": extra or {}, "layout": _layout(),
+                 "has_optimizer": optimizer is not None,  # False: model-only (e.g. converted from HF)
                  "scheduler": opt_param_scheduler.state_dict() if opt_param_scheduler else None}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if config is not None:
@@ -149,9 +150,9 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
         raise FileNotFoundError(f"--load {load_dir}: {LATEST} names iteration {iteration} but {ckpt} is missing")
     metadata = dist_checkpointing.load_content_metadata(str(ckpt)) or dict(OPTIM_METADATA)
     sharded = _model_sharded_state_dict(model_chunks, metadata)
-    if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     meta = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    if optimizer is not None and meta.get("has_optimizer", True):  # model-only: fresh optimizer
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     if load_rng and meta.get("layout") == _layout():  # RNG streams belong to a TP/PP position
         sharded["rng_state"] = _rng_sharded_object(None)
     state = dist_checkpointing.load(sharded, str(ckpt))
@@ -161,7 +162,7 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
     else:
         for i, c in enumerate(chunks):
             c.load_state_dict(state[f"model{i}"], strict=strict)
-    if optimizer is not None:
+    if "optimizer" in sharded:
         optimizer.load_state_dict(state["optimizer"])
     rng = state.get("rng_state")
     if rng is not None:

@@ -57,8 +57,11 @@ def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers:
                                                v.num_attention_heads, v.ffn_hidden_size, gated=False)
     vision += 2 * vt * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
     projector = 2 * b * n_img * k * (v.hidden_size * lang.hidden_size + lang.hidden_size ** 2)
+    # forward 1x, weight and input gradients 1x each; a frozen projector still passes input
+    # gradients to a trainable encoder
     vision_factor = 1 if m.freeze_vision else 3
-    return 3 * lm + 3 * projector + vision_factor * vision
+    projector_factor = 3 if not m.freeze_projector else (1 if m.freeze_vision else 2)
+    return 3 * lm + projector_factor * projector + vision_factor * vision
 
 
 def peak_tflops(cfg: Config) -> tuple[float | None, str]:

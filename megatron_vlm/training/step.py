@@ -32,6 +32,11 @@ def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp:
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
+    for c in chunks:  # archs that pack image tokens on the pipeline wire size it per sample
+        if hasattr(c, "set_images_per_sample"):
+            c.set_images_per_sample(cfg.data.images_per_sample)
+    if torch.cuda.is_available():  # torch norms, the ViT conv and gates are created on the host
+        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     if cfg.training.bf16:  # megatron's wrapper: casts the module to bf16, first-stage inputs too
         chunks = [Float16Module(c.config, c) for c in chunks]
     if not wrap_ddp:

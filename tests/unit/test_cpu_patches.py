@@ -7,9 +7,11 @@ megatron-core function the patch names).
 
 Patches are process-global, so every case needs a process in which no patch was applied yet. To
 keep this file fast, one driver process (``python -m tests.unit.test_cpu_patches OUT.json``)
-imports torch and megatron-core once, then ``fork``s a fresh pair of ranks per case; the driver
-itself never applies a patch. The API checks (idempotence, unknown names, CUDA present, version
-guard) that raise before patching anything run in the pytest process.
+imports torch and megatron-core once, then ``fork``s a fresh pair of ranks per case (and one
+process for the idempotence check); the driver itself never applies a patch. The refusals
+(unknown names, CUDA present, other megatron-core version) raise before patching anything and run
+in the pytest process. The ranks also apply ``runtime.megatron_fixes`` as ``runtime.initialize``
+does; its torch-Adam checkpoint fix is tested in test_megatron_fixes.py.
 """
 
 from __future__ import annotations
@@ -54,9 +56,6 @@ EXPECTED_FAILURES = {
     "tensor_type_strings": ("optimizer", {
         "build": ("TypeError", "Wrapped parameters must be one of torch.cuda.FloatTensor",
                   "optimizer/distrib_optimizer.py:_build_model_and_main_param_groups")}),
-    "torch_adam_checkpoint": ("optimizer", {
-        "state_dict_before_step": ("AssertionError", "", "optimizer/distrib_optimizer.py:state_dict"),
-        "set_states": ("KeyError", "step", "optimizer/distrib_optimizer.py:_set_main_param_and_optimizer_states")}),
 }
 PROBE_NAMES = ("rng", "gpt", "moe", "optimizer")
 
@@ -140,12 +139,13 @@ def _forward_step(batch_iter, model):
 
 def probe_rng(rec: Recorder) -> None:
     """``model_parallel_cuda_manual_seed`` + ``CudaRNGStatesTracker.fork``: the TP stream must be
-    seeded with seed + 2718 + tp_rank, continue across forks, and leave the default stream alone."""
+    seeded with seed + 2718 + tp_rank (each rank plays TP rank = its rank: distinct streams),
+    continue across forks, and leave the default (data-parallel) stream alone."""
     import torch
     from megatron.core import tensor_parallel
 
     with rec.check("seed"):
-        tensor_parallel.model_parallel_cuda_manual_seed(RNG_SEED, tp_rank=1)
+        tensor_parallel.model_parallel_cuda_manual_seed(RNG_SEED, tp_rank=torch.distributed.get_rank())
     with rec.check("fork"):
         tracker = tensor_parallel.get_cuda_rng_tracker()
         with tracker.fork():
@@ -242,8 +242,8 @@ def probe_moe(rec: Recorder) -> None:
 
 
 def probe_optimizer(rec: Recorder) -> None:
-    """megatron DDP + DistributedOptimizer (torch Adam) on a GPTModel: build, one clipped step
-    whose grad norm matches the gradients, and the torch-Adam checkpoint paths."""
+    """megatron DDP + DistributedOptimizer (torch Adam) on a GPTModel: build, and one clipped step
+    whose grad norm matches the gradients."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -261,9 +261,6 @@ def probe_optimizer(rec: Recorder) -> None:
                             params_dtype=torch.float32, use_distributed_optimizer=True), [model])
         inner = opt.chained_optimizers[0] if hasattr(opt, "chained_optimizers") else opt
         rec.data["optimizer_class"] = type(inner).__name__
-    with rec.check("state_dict_before_step", fatal=False):
-        sd = inner.state_dict()
-        rec.data["steps_before"] = sorted({g["step"] for g in sd["optimizer"]["param_groups"]})
 
     def step():
         model.zero_grad_buffer()
@@ -283,22 +280,6 @@ def probe_optimizer(rec: Recorder) -> None:
         rec.data.update(step_ok=bool(ok), grad_norm=float(grad_norm), expected_grad_norm=expected,
                         max_update=max((p - q).abs().max().item()
                                        for p, q in zip(model.parameters(), before)))
-    with rec.check("set_states", fatal=False), torch.no_grad():  # as megatron's loaders call it
-        model_param = next(iter(inner.model_param_group_index_map))
-        cur = inner._get_main_param_and_optimizer_states(model_param)
-        new = {"param": cur["param"] + 1.0, "exp_avg": cur["exp_avg"] + 2.0,
-               "exp_avg_sq": cur["exp_avg_sq"] + 3.0}  # what a loaded checkpoint carries: no step
-        inner._set_main_param_and_optimizer_states(model_param, new)
-        after = inner._get_main_param_and_optimizer_states(model_param)
-        rec.data["set_states_match"] = all(torch.equal(after[k], new[k]) for k in new)
-        rec.data["set_states_step"] = float(after["step"])
-    with rec.check("load_then_step", fatal=False):
-        inner.load_state_dict(inner.state_dict())
-        steps = [s["step"] for s in inner.optimizer.state.values()]
-        rec.data["distinct_step_tensors"] = len({id(s) for s in steps})
-        rec.data["num_states"] = len(steps)
-        step()
-        rec.data["steps_after_resume_step"] = sorted({float(s["step"]) for s in inner.optimizer.state.values()})
 
 
 PROBES = {"rng": probe_rng, "gpt": probe_gpt, "moe": probe_moe, "optimizer": probe_optimizer}
@@ -310,11 +291,12 @@ def _rank_main(skip: tuple, probes: tuple, rank: int, port: int, out_path: str) 
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_vlm.runtime import cpu
+    from megatron_vlm.runtime import cpu, megatron_fixes
 
     result = {"setup": None, "probes": {}}
     try:
         result["applied"] = sorted(cpu.apply(skip=skip))
+        megatron_fixes.apply()  # as runtime.initialize does (CPU and GPU alike)
         torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
         parallel_state.initialize_model_parallel(expert_model_parallel_size=WORLD)
         if "rng" not in skip:
@@ -365,6 +347,34 @@ def _run_case(skip: tuple, probes: tuple, tmp: Path) -> list:
     return out
 
 
+def _idempotence_main(out_path: str) -> None:
+    """apply() twice changes nothing: no second TorchFunctionMode, no wrapper around a wrapper."""
+    import torch
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_vlm.runtime import cpu
+
+    def snapshot():
+        return (torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda, torch.cuda.Stream,
+                torch.cuda.get_rng_state, moe_utils.maybe_move_tensor_to_cpu,
+                len(torch.overrides._get_current_function_mode_stack()))
+
+    r = {"first": cpu.apply(skip=("rng",))}
+    before = snapshot()
+    r["second"] = cpu.apply(skip=("rng",))
+    unchanged = snapshot() == before
+    r["third"] = cpu.apply()
+    before = snapshot()
+    r["fourth"] = cpu.apply()
+    r["unchanged"] = unchanged and snapshot() == before
+    r["modes"] = len(torch.overrides._get_current_function_mode_stack())
+    r["single_wrap"] = not hasattr(torch.Tensor.type._megatron_vlm_original, "_megatron_vlm_original")
+    r["type_name"] = torch.zeros(1).type()
+    r["applied"] = sorted(cpu.applied())
+    Path(out_path).write_text(json.dumps(r))
+    os._exit(0)
+
+
 def _driver(out_file: str) -> None:
     import tempfile
 
@@ -389,6 +399,16 @@ def _driver(out_file: str) -> None:
             t0 = time.monotonic()
             results[case] = _run_case(skip, probes, Path(tmp))
             results[case][0]["seconds"] = round(time.monotonic() - t0, 2)
+        import multiprocessing as mp
+
+        child = mp.get_context("fork").Process(target=_idempotence_main, args=(f"{tmp}/idem.json",))
+        child.start()
+        child.join(CASE_TIMEOUT_S)
+        if child.is_alive():
+            child.kill()
+        idem = Path(f"{tmp}/idem.json")
+        results["idempotence"] = (json.loads(idem.read_text()) if idem.exists()
+                                  else {"error": f"exit code {child.exitcode}"})
     Path(out_file).write_text(json.dumps(results, indent=1))
 
 
@@ -433,11 +453,12 @@ def _check_with_patch(name: str, per_rank: list[dict]) -> None:
             assert d["schedule_loss"] == pytest.approx(d["direct_loss"], rel=1e-6)
             assert d["schedule_params_without_grad"] == []
     elif name == "rng":
-        tp = torch.rand(8, generator=torch.Generator().manual_seed(RNG_SEED + 2718 + 1))
         default = torch.rand(4, generator=torch.Generator().manual_seed(RNG_SEED))
-        for d in data:  # the TP stream is really seeded, continues across forks; default untouched
+        for rank, d in enumerate(data):  # the TP stream is really seeded, continues across forks
+            tp = torch.rand(8, generator=torch.Generator().manual_seed(RNG_SEED + 2718 + rank))
             assert torch.allclose(torch.tensor(d["fork"]), tp), d
-            assert torch.allclose(torch.tensor(d["outside"]), default), d
+            assert torch.allclose(torch.tensor(d["outside"]), default), d  # default stream untouched
+        assert data[0]["fork"] != data[1]["fork"]  # distinct streams per TP rank
     elif name in ("streams", "moe_split_sizes", "te_general_gemm"):
         for d in data:
             assert d["out_norm"] > 0 and d["grad_norm"] > 0
@@ -447,12 +468,6 @@ def _check_with_patch(name: str, per_rank: list[dict]) -> None:
             assert d["optimizer_class"] == "DistributedOptimizer" and d["step_ok"]
             assert d["grad_norm"] == pytest.approx(d["expected_grad_norm"], rel=1e-5)
             assert 0 < d["max_update"] < 0.1
-    elif name == "torch_adam_checkpoint":
-        for d in data:
-            assert d["steps_before"] == [0]
-            assert d["set_states_match"] and d["set_states_step"] == 1.0
-            assert d["distinct_step_tensors"] == d["num_states"] > 1  # one step tensor per param
-            assert d["steps_after_resume_step"] == [2.0]  # Adam bias correction counts steps
     else:  # pragma: no cover - EXPECTED_FAILURES and this function must cover the same names
         raise AssertionError(f"no with-patch check for {name}")
 
@@ -480,55 +495,29 @@ def test_patch_is_needed(probe_results, name):
             assert frame in got["frames"], (r, check, got)
 
 
-def test_torch_adam_resume_without_patch_steps_wrongly(probe_results):
-    """Without torch_adam_checkpoint, megatron's load gives every parameter ONE shared step
-    tensor, which torch Adam then increments once per parameter: wrong bias correction."""
-    for res in _probe(probe_results, "torch_adam_checkpoint", "optimizer"):
-        d = res["data"]
-        assert d["distinct_step_tensors"] == 1 < d["num_states"]
-        assert d["steps_after_resume_step"] == [1.0 + d["num_states"]]
-
-
 # ---- the apply() API ----------------------------------------------------------------------------
 
-def test_apply_is_idempotent(tmp_path):
-    code = """
-import json, torch
-from megatron_vlm.runtime import cpu
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-first = cpu.apply(skip=("rng",))
-snapshot = (torch.cuda.current_device, torch.Tensor.type, DistributedOptimizer.state_dict,
-            len(torch.overrides._get_current_function_mode_stack()))
-second = cpu.apply(skip=("rng",))
-third = cpu.apply()
-fourth = cpu.apply()
-same = snapshot == (torch.cuda.current_device, torch.Tensor.type, DistributedOptimizer.state_dict,
-                    len(torch.overrides._get_current_function_mode_stack()))
-orig = torch.Tensor.type._megatron_vlm_original
-print(json.dumps(dict(first=first, second=second, third=third, fourth=fourth, same=same,
-    modes=len(torch.overrides._get_current_function_mode_stack()),
-    single_wrap=not hasattr(orig, "_megatron_vlm_original"),
-    type_name=torch.zeros(1).type(), applied=sorted(cpu.applied()))))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_apply_is_idempotent(probe_results):
     from megatron_vlm.runtime import cpu
 
     names = [p.name for p in cpu.PATCHES]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = probe_results["idempotence"]
+    assert "error" not in r, r
     assert r["first"] == [n for n in names if n != "rng"]
     assert r["second"] == [] and r["third"] == ["rng"] and r["fourth"] == []
-    assert r["same"] and r["modes"] == 1 and r["single_wrap"]
+    assert r["unchanged"] and r["modes"] == 1 and r["single_wrap"]
     assert r["type_name"] == "torch.cuda.FloatTensor"
     assert r["applied"] == sorted(names)
 
 
 def _untouched():
+    """What apply() would change (compared before/after a refused call)."""
     import torch
 
-    return (torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda,
-            len(torch.overrides._get_current_function_mode_stack()))
+    from megatron_vlm.runtime import cpu
+
+    return (torch.cuda.current_device, torch.Tensor.type, torch.Tensor.cuda, torch.cuda.Stream,
+            len(torch.overrides._get_current_function_mode_stack()), cpu.applied())
 
 
 def test_apply_refuses_unknown_patch_names():
@@ -537,7 +526,7 @@ def test_apply_refuses_unknown_patch_names():
     before = _untouched()
     with pytest.raises(ValueError, match=r"unknown CPU patch name\(s\) \['no_such_patch'\]"):
         cpu.apply(skip=("rng", "no_such_patch"))
-    assert _untouched() == before and not cpu.applied()
+    assert _untouched() == before
 
 
 def test_apply_refuses_on_cuda(monkeypatch):
@@ -549,7 +538,7 @@ def test_apply_refuses_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="must not be applied on a machine with CUDA"):
         cpu.apply()
-    assert _untouched() == before and not cpu.applied()
+    assert _untouched() == before
 
 
 def test_version_guard(monkeypatch):
@@ -562,7 +551,7 @@ def test_version_guard(monkeypatch):
     monkeypatch.setattr(info, "__version__", "0.99.0")
     with pytest.raises(RuntimeError, match=r"written for megatron-core \('0\.16\.1',\), found 0\.99\.0"):
         cpu.apply()
-    assert _untouched() == before and not cpu.applied()
+    assert _untouched() == before
 
 
 if __name__ == "__main__":

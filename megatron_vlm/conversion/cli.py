@@ -1,0 +1,175 @@
+"""Command line of ``tools/convert_checkpoint.py``.
+
+    convert_checkpoint.py import-hf --hf-path HF_DIR --save MCORE_DIR [--arch joint_decoder]
+        [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P]
+        [--expert-model-parallel-size E] [--dtype float32|bfloat16] [--overwrite]
+        [--vision-path CLIP_OR_SIGLIP_DIR]        # warm start: --hf-path is a LlamaForCausalLM
+    convert_checkpoint.py export-hf --load MCORE_DIR --hf-path HF_DIR [--dtype ...]
+        [--tokenizer-path TOK_DIR] [--max-shard-size 5GB] [--overwrite]
+    convert_checkpoint.py verify --hf-path HF_DIR --load MCORE_DIR [--tensor-model-parallel-size T]
+        [--tolerance 1e-4] [--generate N]
+
+Exit status: 0 ok, 1 verify above tolerance / generations differ, 2 usage or conversion error
+(one line on stderr; key mismatches list the keys on the following lines).
+
+TP/PP: ``import-hf`` runs in one process and writes a layout-agnostic megatron dist checkpoint;
+the target layout is validated and recorded in its ``config.yaml`` and megatron reshards when
+``pretrain_vlm.py --load`` starts at that layout. ``export-hf`` reads any layout. ``verify`` runs
+the Megatron side at ``--tensor-model-parallel-size``: under torchrun/mpirun it uses the launched
+ranks; started as a plain process it spawns the TP ranks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+from megatron_vlm.conversion.mapping import ConversionError
+
+PROG = "convert_checkpoint.py"
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size like 5GB, 500MB, 1048576")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper()]
+    if m.group(3) and m.group(3).lower() == "ib":
+        mult = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Megatron <-> HuggingFace checkpoint conversion")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--arch", default=None, help="our arch (checked against the HF architecture / checkpoint)")
+        p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+        p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+        p.add_argument("--expert-model-parallel-size", type=int, default=1)
+        p.add_argument("--dtype", default=None,
+                       help="float32 | bfloat16 | float16 | auto (import: default float32; export: the "
+                            "original HF dtype when known, else the checkpoint's)")
+
+    p = sub.add_parser("import-hf", help="HF folder -> Megatron dist checkpoint")
+    common(p)
+    p.add_argument("--hf-path", required=True)
+    p.add_argument("--save", required=True)
+    p.add_argument("--vision-path", default=None,
+                   help="warm start: CLIPVisionModel / SiglipVisionModel folder (with --hf-path = LlamaForCausalLM)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the embedding/output rows to a multiple (Megatron-LM's default 128)")
+    p.add_argument("--seed", type=int, default=1234, help="init seed for parameters a warm start adds")
+    p.add_argument("--vision-feature-layer", type=int, default=-2,
+                   help="warm start from CLIP: hidden state used as image features (LLaVA's -2)")
+    p.add_argument("--cross-attention-every", type=int, default=4,
+                   help="warm start into cross_attention: one CA layer per this many self-attention layers")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("export-hf", help="Megatron dist checkpoint (any TP/PP) -> HF folder")
+    common(p)
+    p.add_argument("--load", required=True)
+    p.add_argument("--hf-path", required=True)
+    p.add_argument("--tokenizer-path", default=None, help="copy tokenizer/processor files from this folder")
+    p.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("verify", help="compare logits of the HF folder and the Megatron checkpoint")
+    common(p)
+    p.add_argument("--hf-path", required=True)
+    p.add_argument("--load", required=True)
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also compare N greedy tokens (HF generate vs our model)")
+    return parser
+
+
+def _err(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _verify_rank(args: dict) -> dict | None:
+    """One rank of verify (module level: spawned ranks import it)."""
+    from megatron_vlm.conversion import hf_io
+    from megatron_vlm.conversion.verify import verify
+
+    result = verify(args["hf_path"], args["load"], args["tp"], args["pp"], args["tolerance"],
+                    hf_io.parse_dtype(args["dtype"]), args["seed"], generate=args["generate"])
+    return None if result is None else dict(result.__dict__, same_generation=result.same_generation)
+
+
+def run_verify(args) -> int:
+    from megatron_vlm.runtime.launcher_env import detect
+
+    spec = {"hf_path": args.hf_path, "load": args.load, "tp": args.tensor_model_parallel_size,
+            "pp": args.pipeline_model_parallel_size, "tolerance": args.tolerance, "dtype": args.dtype,
+            "seed": args.seed, "generate": args.generate}
+    ranks = spec["tp"] * spec["pp"]
+    launch = detect()
+    if launch.world_size == 1 and ranks > 1:
+        from megatron_vlm.testing.distributed import DistributedTestError, run_distributed
+
+        try:
+            out = run_distributed(_verify_rank, ranks, spec, threads=max(1, (os.cpu_count() or 1) // ranks))[0]
+        except DistributedTestError as e:
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            conv = [ln for ln in lines if "ConversionError" in ln or "ConfigError" in ln]
+            return _err((conv[-1].split(": ", 1)[-1]) if conv else lines[-1])
+    else:
+        out = _verify_rank(spec)
+    if launch.rank != 0 or out is None:
+        return 0
+    r = out
+    print(f"verify: max abs diff {r['max_abs_diff']:.3e} (tolerance {r['tolerance']:.1e}) over logits "
+          f"{list(r['shape'])} at TP={spec['tp']}; argmax agreement {100 * r['argmax_agree']:.1f}%: "
+          f"{'PASS' if r['passed'] else 'FAIL'}", flush=True)
+    ok = r["passed"]
+    if r["same_generation"] is not None:
+        print(f"generate: megatron {r['generated_megatron']} hf {r['generated_hf']}: "
+              f"{'SAME' if r['same_generation'] else 'DIFFERENT'}", flush=True)
+        ok = ok and r["same_generation"]
+    return 0 if ok else 1
+
+
+def quiet_warnings() -> None:
+    """megatron/torch/transformers import-time warnings would bury the one-line errors."""
+    import warnings
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning")  # spawned ranks
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_warnings()
+    from megatron_vlm.config import ConfigError
+
+    try:
+        from megatron_vlm.conversion import hf_io
+
+        if args.command == "verify":
+            return run_verify(args)
+        dtype = hf_io.parse_dtype(args.dtype)
+        if args.command == "import-hf":
+            from megatron_vlm.conversion.convert import import_hf
+
+            import_hf(args.hf_path, args.save, tp=args.tensor_model_parallel_size,
+                      pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
+                      dtype=dtype, arch=args.arch, overwrite=args.overwrite,
+                      vocab_multiple=args.make_vocab_size_divisible_by, vision_path=args.vision_path,
+                      seed=args.seed, vision_feature_layer=args.vision_feature_layer,
+                      cross_attention_every=args.cross_attention_every)
+        elif args.command == "export-hf":
+            from megatron_vlm.conversion.convert import export_hf
+
+            export_hf(args.load, args.hf_path, dtype=dtype, tokenizer_path=args.tokenizer_path,
+                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, arch=args.arch)
+        return 0
+    except (ConversionError, ConfigError, FileNotFoundError) as e:
+        return _err(str(e))

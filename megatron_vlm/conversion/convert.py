@@ -1,0 +1,204 @@
+"""import-hf / export-hf: the two directions, streamed, atomic.
+
+``import_hf``: HF folder -> Megatron dist checkpoint (``save/iter_0000000`` + ``latest``).
+``export_hf``: Megatron dist checkpoint (any TP/PP) -> HF folder (sharded safetensors + index +
+config.json [+ generation_config.json] [+ tokenizer files]).
+
+Memory: import holds the TP=1 model once plus the HF tensors of one key-map entry; export holds
+the tensors of one key-map entry (no model is built).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from megatron_vlm.config import Config, ConfigError, ParallelConfig, validate
+from megatron_vlm.conversion import hf_io, megatron_io
+from megatron_vlm.conversion.families import Family, family_for_arch, family_for_hf
+from megatron_vlm.conversion.mapping import (ConversionError, check_pairs, hf_to_mcore, key_report,
+                                             cast)
+
+
+def log(msg: str) -> None:
+    print(f"[convert] {msg}", flush=True)
+
+
+def build_config(mc, tp: int, pp: int, ep: int, dtype: torch.dtype) -> Config:
+    cfg = Config(model=mc, parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                   pipeline_model_parallel_size=pp,
+                                                   expert_model_parallel_size=ep))
+    cfg.training.bf16 = dtype == torch.bfloat16
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConversionError(f"target layout TP={tp} PP={pp} EP={ep}: {e}") from None
+    return cfg
+
+
+def check_hf_keys(reader: hf_io.HFReader, pairs, unused: list[str], where: str) -> list[str]:
+    """Every mapped HF key must be present; every present key must be mapped or known-unused.
+    Returns the unused keys that are present (carried)."""
+    needed = {k for p in pairs for k in p.hf}
+    present = set(reader.keys())
+    missing = needed - present
+    unexpected = present - needed - set(unused)
+    if missing or unexpected:
+        raise ConversionError(key_report(where, missing, unexpected))
+    return [k for k in unused if k in present]
+
+
+def write_carried(dest: Path, reader: hf_io.HFReader, keys: list[str], folder: Path) -> None:
+    """Keep what the import does not map (HF config, generation config, unused tensors) inside the
+    checkpoint so that export can restore the original folder exactly."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(folder / "config.json", dest / "config.json")
+    for name in ("generation_config.json",):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, dest / name)
+    if keys:
+        entries = [(k, reader.shape(k), reader.dtype(k)) for k in keys]
+        hf_io.write_safetensors_shards(dest, entries, ((k, reader.get(k)) for k in keys),
+                                       prefix="carried")
+        # one file is enough for the few tensors carried: rename shard 1 of 1
+        (dest / "carried-00001-of-00001.safetensors").rename(dest / megatron_io.CARRIED_FILE)
+        (dest / "carried.safetensors.index.json").unlink()
+
+
+# ------------------------------------------------------------------------------------------------
+# import-hf
+# ------------------------------------------------------------------------------------------------
+
+def import_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1, ep: int = 1,
+              dtype: torch.dtype | None = None, arch: str | None = None, overwrite: bool = False,
+              vocab_multiple: int = 128, vision_path: str | None = None, seed: int = 1234,
+              vision_feature_layer: int = -2, cross_attention_every: int = 4) -> Path:
+    folder = Path(hf_path)
+    cfg_json = hf_io.read_config_json(folder)
+    archs = cfg_json.get("architectures") or []
+    if vision_path is not None or any(a in ("LlamaForCausalLM",) for a in archs):
+        from megatron_vlm.conversion import warm_start
+
+        return warm_start.import_warm_start(hf_path, vision_path, save, arch=arch, tp=tp, pp=pp,
+                                            ep=ep, dtype=dtype, overwrite=overwrite,
+                                            vocab_multiple=vocab_multiple, seed=seed,
+                                            vision_feature_layer=vision_feature_layer,
+                                            cross_attention_every=cross_attention_every)
+    family = family_for_hf(archs, cfg_json.get("model_type"), f"--hf-path {folder}")
+    if arch is not None and arch != family.arch:
+        raise ConversionError(f"--arch {arch}: {archs[0]} converts to the {family.arch!r} arch "
+                              f"(other archs: warm start from LlamaForCausalLM + --vision-path)")
+    hf_cfg = hf_io.load_hf_config(folder)
+    mc = family.model_config_from_hf(hf_cfg, folder, vocab_multiple)
+    dtype = dtype or torch.float32
+    cfg = build_config(mc, tp, pp, ep, dtype)
+    pairs = family.pairs(mc)
+    check_pairs(pairs)
+    reader = hf_io.HFReader(folder, family.rename)
+    carried = check_hf_keys(reader, pairs, family.unused_hf_keys(hf_cfg, mc), f"--hf-path {folder}")
+    hf_io.check_output_dir(save, overwrite, "--save")
+    log(f"{archs[0]} -> {family.arch} ({len(pairs)} tensors, {len(carried)} carried), "
+        f"dtype {hf_io.dtype_name(dtype)}, target TP={tp} PP={pp} EP={ep}")
+    megatron_io.ensure_runtime()
+    from megatron_vlm.models import build_model
+
+    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp:
+        model = build_model(megatron_io.single_process_config(cfg), pre_process=True,
+                            post_process=True, dtype=dtype)
+        megatron_io.fill_model(model, hf_to_mcore(pairs, reader.get, dtype))
+        ckpt = megatron_io.save_model(tmp, model, cfg, extra={"converted_from": {
+            "hf_path": str(folder.absolute()), "family": family.name}})
+        del model
+        write_carried(tmp / ckpt.name / megatron_io.HF_SOURCE_DIR, reader, carried, folder)
+    reader.close()
+    log(f"wrote {save}/{ckpt.name} (load with: pretrain_vlm.py --config {save}/{ckpt.name}/config.yaml "
+        f"--load {save} at TP={tp} PP={pp})")
+    return Path(save)
+
+
+# ------------------------------------------------------------------------------------------------
+# export-hf
+# ------------------------------------------------------------------------------------------------
+
+def _carried_available(reader: megatron_io.MegatronReader, keys: list[str]) -> bool:
+    have = set(reader.carried())
+    return all(k in have for k in keys)
+
+
+def export_hf(load: str, hf_path: str, dtype: torch.dtype | None = None,
+              tokenizer_path: str | None = None, overwrite: bool = False,
+              max_shard_bytes: int = hf_io.DEFAULT_MAX_SHARD_BYTES, arch: str | None = None) -> Path:
+    reader = megatron_io.MegatronReader(load)
+    mc = reader.config.model
+    if arch is not None and arch != mc.arch:
+        raise ConversionError(f"--arch {arch}: the checkpoint's config says model.arch={mc.arch!r}")
+    family: Family = family_for_arch(mc.arch)
+    base = reader.hf_source_config()
+    use_base = base is not None and family.base_matches(mc, base)
+    if base is not None and not use_base:
+        log("the model no longer matches the HF config it was imported from: deriving a new config")
+    hf_cfg = family.hf_config_from_model(mc, base if use_base else None)
+    unused = family.unused_hf_keys(hf_cfg, mc)
+    have = set(reader.carried())
+    if use_base and not all(k in have or family.fill_unused(k, hf_cfg) is not None for k in unused):
+        log("carried tensors are missing from the checkpoint: deriving an equivalent HF config")
+        use_base = False
+        hf_cfg = family.hf_config_from_model(mc, None)
+        unused = family.unused_hf_keys(hf_cfg, mc)
+    not_fillable = [k for k in unused if k not in have and family.fill_unused(k, hf_cfg) is None]
+    if not_fillable:
+        raise ConversionError(key_report(f"--load {load}: HF tensors with no source", not_fillable, []))
+    pairs = family.pairs(mc)
+    check_pairs(pairs)
+    needed = {p.mcore for p in pairs}
+    present = reader.model_keys()
+    missing, unexpected = needed - present, present - needed
+    if missing or unexpected:
+        raise ConversionError(key_report(f"--load {load}", missing, unexpected))
+
+    src_dtype = reader.dtype(pairs[0].mcore)
+    if dtype is None:
+        named = (base or {}).get("dtype") or (base or {}).get("torch_dtype")
+        dtype = hf_io.DTYPES.get(named, src_dtype) if named else src_dtype
+    entries, groups = [], []
+    for g, p in enumerate(pairs):
+        for k, shape in zip(p.hf, p.op.hf_shapes(reader.shape(p.mcore))):
+            entries.append((k, tuple(shape), dtype))
+            groups.append(g)
+    carried = reader.carried_reader() if have else None
+
+    def unused_tensor(k):
+        return carried.get_tensor(k) if k in have else family.fill_unused(k, hf_cfg)
+
+    for k in unused:
+        shape = carried.get_slice(k).get_shape() if k in have else unused_tensor(k).shape
+        entries.append((k, tuple(shape), dtype))
+        groups.append(len(pairs) + len(groups))
+
+    def produce():
+        for p in pairs:
+            t = reader.get(p.mcore)
+            for k, x in zip(p.hf, p.op.to_hf(t)):
+                yield k, cast(x, dtype).contiguous()
+            del t
+        for k in unused:
+            yield k, cast(unused_tensor(k), dtype)
+
+    hf_cfg.architectures = list(family.hf_architectures)
+    hf_cfg.dtype = hf_io.dtype_name(dtype)
+    log(f"{mc.arch} (iteration {reader.iteration}) -> {family.hf_architectures[0]}: "
+        f"{len(entries)} tensors, dtype {hf_io.dtype_name(dtype)}"
+        + (" (original HF config and carried tensors restored)" if use_base else " (derived HF config)"))
+    with hf_io.atomic_output_dir(hf_path, overwrite, "--hf-path") as tmp:
+        hf_io.write_safetensors_shards(tmp, entries, produce(), max_shard_bytes, groups)
+        hf_cfg.save_pretrained(str(tmp))
+        gen = reader.hf_source / "generation_config.json"
+        if gen.is_file():
+            shutil.copy2(gen, tmp / "generation_config.json")
+        if tokenizer_path:
+            copied = hf_io.copy_tokenizer_files(tokenizer_path, tmp)
+            log(f"tokenizer files: {', '.join(copied)}")
+    log(f"wrote {hf_path}")
+    return Path(hf_path)
