@@ -11,6 +11,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_vlm.quiet import silence_known_warnings
+
+    silence_known_warnings()
     from megatron_vlm.training.cli import run
 
     return run(argv)

@@ -7,15 +7,16 @@ Layout of a YAML file (every key optional; defaults below)::
       backend: auto                  # auto | local | te
       vision: {num_layers, hidden_size, num_attention_heads, ffn_hidden_size, image_size, patch_size}
       language: {num_layers, hidden_size, num_attention_heads, num_query_groups, ffn_hidden_size,
-                 vocab_size, seq_length, rotary_base}
-      cross_attention: {every: 4, layers: null}   # cross_attention arch only
+                 vocab_size, seq_length, rotary_base, rope_scaling_factor}
+      cross_attention: {every: 4, layers: null, text_rows_without_image: zero}  # cross_attention arch
+      projector: mlp                 # mlp | affine
       freeze_vision: false
       freeze_projector: false
       freeze_language: false
     parallel: {tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size,
                context_parallel_size, sequence_parallel, virtual_pipeline_model_parallel_size}
     training: {micro_batch_size, global_batch_size, train_iters, lr, ...}
-    data: {data_path, tokenizer_path, num_workers}
+    data: {data_path, tokenizer_path, num_threads, images_per_sample}
 
 ``validate(cfg, world_size)`` checks every constraint before a model is built and raises
 :class:`ConfigError` with one line naming the field, the value and what is allowed.
@@ -71,6 +72,9 @@ class LanguageConfig:
     vocab_size: int = 512
     seq_length: int = 64
     rotary_base: float = 10000.0
+    # Llama-3.x RoPE scaling factor (megatron-core's: low/high frequency factors 1 and 4, original
+    # context 8192, as in Llama 3.1/3.2); None = plain RoPE
+    rope_scaling_factor: float | None = None
     layernorm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
     unpadded_vocab_size: int | None = None  # true vocab when vocab_size is padded (HF export trims to it)
@@ -358,6 +362,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(obj.hidden_size % obj.num_attention_heads == 0,
                  f"{section}.hidden_size={obj.hidden_size}: must be divisible by "
                  f"{section}.num_attention_heads={obj.num_attention_heads}")
+    if lang.rope_scaling_factor is not None:
+        _require(isinstance(lang.rope_scaling_factor, (int, float)) and lang.rope_scaling_factor > 0,
+                 f"model.language.rope_scaling_factor={lang.rope_scaling_factor!r}: must be a number > 0 (or null)")
     groups = lang.num_query_groups if lang.num_query_groups is not None else lang.num_attention_heads
     _positive("model.language.num_query_groups", groups)
     _require(lang.num_attention_heads % groups == 0,

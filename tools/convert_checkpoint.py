@@ -14,6 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
+    from megatron_vlm.quiet import silence_known_warnings
+
+    silence_known_warnings()
     from megatron_vlm.conversion.cli import main as cli_main
 
     try:

@@ -63,16 +63,36 @@ def pairs(lang: LanguageConfig, mcore_prefix: str = "language_model.",
 # Config
 # ------------------------------------------------------------------------------------------------
 
-def _rope(tc) -> tuple[float, str]:
+# megatron-core's Llama-3 RoPE scaling has these fixed (only the factor is a parameter)
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope(tc, where: str) -> tuple[float, float | None]:
+    """(rope theta, Llama-3 scaling factor or None) of an HF text config."""
     params = getattr(tc, "rope_parameters", None) or {}
     scaling = getattr(tc, "rope_scaling", None) or {}
     if isinstance(params, dict) and "full_attention" in params and isinstance(params["full_attention"], dict):
         params = params["full_attention"]
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    params = {**scaling, **params}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
     theta = params.get("rope_theta", getattr(tc, "rope_theta", None))
-    if theta is None:
-        theta = 10000.0
-    return float(theta), rope_type
+    theta = 10000.0 if theta is None else float(theta)
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConversionError(f"{where}: rope type {rope_type!r} is not supported (allowed: 'default', 'llama3')")
+    for key, value in LLAMA3_ROPE_FIXED.items():
+        if float(params.get(key, value)) != value:
+            raise ConversionError(f"{where}: llama3 rope {key}={params.get(key)}: megatron-core supports only {value}")
+    return theta, float(params["factor"])
+
+
+def rope_parameters(lang: LanguageConfig) -> dict:
+    """HF ``rope_parameters`` of our LanguageConfig."""
+    out = {"rope_type": "default", "rope_theta": float(lang.rotary_base)}
+    if lang.rope_scaling_factor is not None:
+        out.update(rope_type="llama3", factor=float(lang.rope_scaling_factor), **LLAMA3_ROPE_FIXED)
+    return out
 
 
 def pad_vocab(vocab: int, multiple: int) -> int:
@@ -102,9 +122,7 @@ def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
     if head_dim * heads != tc.hidden_size:
         raise ConversionError(f"{where}.head_dim={head_dim}: must equal hidden_size/num_attention_heads "
                               f"= {tc.hidden_size // heads} (no separate kv_channels in our config)")
-    theta, rope_type = _rope(tc)
-    if rope_type != "default":
-        raise ConversionError(f"{where}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
+    theta, rope_factor = _rope(tc, where)
     if theta != int(theta):
         raise ConversionError(f"{where}.rope_theta={theta}: must be an integer for megatron's GPTModel")
     tie = getattr(tc, "tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
@@ -115,6 +133,7 @@ def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
         vocab_size=pad_vocab(max(tc.vocab_size, embedding_rows or 0), vocab_multiple),
         unpadded_vocab_size=tc.vocab_size,
         seq_length=min(tc.max_position_embeddings, max_seq_length), rotary_base=theta,
+        rope_scaling_factor=rope_factor,
         layernorm_epsilon=tc.rms_norm_eps, untie_embeddings_and_output_weights=not tie)
 
 
@@ -131,7 +150,7 @@ def language_config_to_hf(lang: LanguageConfig, base: dict | None = None, **extr
         head_dim=lang.hidden_size // lang.num_attention_heads, vocab_size=hf_vocab_size(lang),
         rms_norm_eps=lang.layernorm_epsilon, hidden_act="silu", attention_bias=False, mlp_bias=False,
         tie_word_embeddings=not lang.untie_embeddings_and_output_weights,
-        rope_parameters={"rope_type": "default", "rope_theta": float(lang.rotary_base)},
+        rope_parameters=rope_parameters(lang),
     )
     kw.setdefault("max_position_embeddings", lang.seq_length)
     kw.pop("rope_scaling", None)

@@ -186,7 +186,7 @@ class Mllama(Family):
             num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
             rms_norm_eps=lang.layernorm_epsilon, hidden_act="silu",
             max_position_embeddings=lang.seq_length, cross_attention_layers=sorted(_ca_indices(mc)),
-            rope_parameters={"rope_type": "default", "rope_theta": float(lang.rotary_base)},
+            rope_parameters=llama.rope_parameters(lang),
             tie_word_embeddings=not lang.untie_embeddings_and_output_weights)
         if text.pad_token_id is not None and text.pad_token_id >= v + EXTRA_EMBEDDING_ROWS:
             text.pad_token_id = None  # Llama 3's default id; outside a smaller vocab it breaks nn.Embedding

@@ -61,7 +61,10 @@ def mllama_config(vocab: int = 256, hidden: int = 64, text_layers: int = 4, ca_l
                           num_hidden_layers=text_layers, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, cross_attention_layers=list(ca_layers),
                           max_position_embeddings=128, rms_norm_eps=1e-5,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                          # Llama-3.2-Vision's RoPE scaling (with head_dim 16 it rescales 2 of 8 frequencies)
+                          rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192},
                           bos_token_id=1, eos_token_id=2, pad_token_id=None)
     return MllamaConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), image_token_index=vocab)
 

@@ -402,6 +402,8 @@ class CrossAttentionVLM(VLMModel):
             share_embeddings_and_output_weights=not self.cfg.language.untie_embeddings_and_output_weights,
             position_embedding_type="rope",
             rotary_base=int(self.cfg.language.rotary_base),
+            rope_scaling=self.cfg.language.rope_scaling_factor is not None,
+            rope_scaling_factor=self.cfg.language.rope_scaling_factor or 8.0,
             vp_stage=self.vp_stage,
         )
 

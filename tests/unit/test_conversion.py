@@ -45,7 +45,23 @@ def _round_trip_and_verify(hf: str, work: str, tokenizer: str) -> dict:
     shutil.rmtree(work / "bare" / "iter_0000000" / "hf_source")
     export_hf(str(work / "bare"), str(work / "derived"))
     derived = verify(str(work / "derived"), str(work / "bare"), seed=1, generate=6)
-    return {"original": original.__dict__, "exported": exported.__dict__, "derived": derived.__dict__}
+    return {"original": original.__dict__, "exported": exported.__dict__, "derived": derived.__dict__,
+            "rope": _rope_frequencies(hf, str(work / "mcore"))}
+
+
+def _rope_frequencies(hf: str, mcore: str) -> tuple[list, list]:
+    """RoPE inverse frequencies of our imported model and of transformers for the HF text config."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_vlm.conversion.verify import load_megatron
+
+    _, model = load_megatron(mcore)
+    tc = AutoConfig.from_pretrained(hf).text_config
+    rope_type = tc.rope_parameters["rope_type"]
+    theirs = (ROPE_INIT_FUNCTIONS[rope_type](tc, "cpu")[0] if rope_type != "default"
+              else 1.0 / tc.rope_parameters["rope_theta"] ** (torch.arange(0, tc.head_dim, 2).float() / tc.head_dim))
+    return model.language_model.rotary_pos_emb.inv_freq.tolist(), theirs.tolist()
 
 
 def _cli_cases(cases: list[tuple[str, list[str]]]) -> list[tuple[int, str]]:
@@ -142,6 +158,8 @@ def test_round_trip_verify_and_generate(family, hf_models, tmp_path):
     for side in ("exported", "derived"):
         gen = res[side]
         assert len(gen["generated_hf"]) == 6 and gen["generated_megatron"] == gen["generated_hf"], gen
+    ours, theirs = res["rope"]  # Mllama's tiny config uses Llama-3 RoPE scaling, LLaVA plain RoPE
+    assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), rtol=1e-6, atol=0), (ours, theirs)
     assert len(set(res["exported"]["generated_hf"])) > 1  # a non-degenerate continuation
 
 
