@@ -391,21 +391,8 @@ class CrossAttentionVLM(VLMModel):
 
     # ---- construction -------------------------------------------------------------------------
     def build_language_model(self) -> GPTModel:
-        return GPTModel(
-            config=self.language_config,
-            transformer_layer_spec=stage_block_spec(self.language_config, self.backend,
-                                                    self.cross_attention_layer_indices, self.vp_stage),
-            vocab_size=self.cfg.language.vocab_size,
-            max_sequence_length=self.cfg.language.seq_length,
-            pre_process=self.pre_process,
-            post_process=self.post_process,
-            share_embeddings_and_output_weights=not self.cfg.language.untie_embeddings_and_output_weights,
-            position_embedding_type="rope",
-            rotary_base=int(self.cfg.language.rotary_base),
-            rope_scaling=self.cfg.language.rope_scaling_factor is not None,
-            rope_scaling_factor=self.cfg.language.rope_scaling_factor or 8.0,
-            vp_stage=self.vp_stage,
-        )
+        return self.gpt_model(stage_block_spec(self.language_config, self.backend,
+                                               self.cross_attention_layer_indices, self.vp_stage))
 
     def cross_attention_layers(self) -> list[GatedCrossAttentionLayer]:
         """This stage's CA layers."""

@@ -194,11 +194,14 @@ class VLMModel(MegatronModule):
 
     # ---- arch hooks ---------------------------------------------------------------------------
     def build_language_model(self) -> MegatronModule:
+        return self.gpt_model(specs.block_spec(self.language_config, specs.language_layer_spec(self.backend),
+                                               self.backend, self.vp_stage))
+
+    def gpt_model(self, block_spec) -> GPTModel:
+        """megatron-core's GPTModel of the language config with this stage's layer ``block_spec``."""
         return GPTModel(
             config=self.language_config,
-            transformer_layer_spec=specs.block_spec(self.language_config,
-                                                    specs.language_layer_spec(self.backend),
-                                                    self.backend, self.vp_stage),
+            transformer_layer_spec=block_spec,
             vocab_size=self.cfg.language.vocab_size,
             max_sequence_length=self.cfg.language.seq_length,
             pre_process=self.pre_process,
