@@ -94,7 +94,8 @@ def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None) ->
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")
 # TE specs fuse the norms into the next linear: accept those names too when reading.
-_TE_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+_TE_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),   # specs.TE_NORM_KEYS
+               ("input_layernorm.", "cross_attention.linear_q.layer_norm_"),    # cross_attention CA layers
                ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
 
 

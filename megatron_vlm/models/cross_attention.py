@@ -300,6 +300,10 @@ class GatedCrossAttentionLayer(TransformerLayer):
 # Specs
 # ------------------------------------------------------------------------------------------------
 
+CA_TE_NORM_KEYS = {"input_layernorm.": "cross_attention.linear_q.layer_norm_",
+                   "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 def cross_attention_layer_spec(backend: str) -> ModuleSpec:
     """Gated cross-attention layer; with ``te`` both norms are fused into linear_q / linear_fc1."""
     if backend == "te":
@@ -321,6 +325,8 @@ def cross_attention_layer_spec(backend: str) -> ModuleSpec:
         cross_attention=ModuleSpec(module=GQACrossAttention, submodules=attn),
         pre_mlp_layernorm=norm,
         mlp=specs.mlp_spec(backend),
+        # dist checkpoints name the norms as TE's fused linears do, for both backends
+        sharded_state_dict_keys_map={} if backend == "te" else dict(CA_TE_NORM_KEYS),
     ))
 
 

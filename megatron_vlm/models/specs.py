@@ -8,6 +8,7 @@
 State-dict layout of a language layer (both backends, megatron-core names)::
 
     input_layernorm.weight                    [h]            (te: fused into linear_qkv.layer_norm_weight)
+    (dist checkpoints use the te names for both backends: TE_NORM_KEYS)
     self_attention.linear_qkv.weight          [(nq + 2 nkv) d / tp, h]   per query group: q.., k, v
     self_attention.linear_proj.weight         [h, nq d / tp]
     pre_mlp_layernorm.weight                  [h]            (te: linear_fc1.layer_norm_weight)
@@ -120,6 +121,12 @@ def self_attention_spec(backend: str, mask_type: AttnMaskType) -> ModuleSpec:
     return ModuleSpec(module=SelfAttention, params={"attn_mask_type": mask_type}, submodules=sub)
 
 
+# Checkpoint names of the local backend's norms = the names TE's fused linears give them, so one dist
+# checkpoint loads with either backend (train with TE on GPU, resume/convert with local anywhere)
+TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 def transformer_layer_spec(backend: str, mask_type: AttnMaskType) -> ModuleSpec:
     """Pre-norm transformer layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
     norm = IdentityOp if backend == "te" else LocalNorm  # te fuses the norms into the linears
@@ -132,6 +139,7 @@ def transformer_layer_spec(backend: str, mask_type: AttnMaskType) -> ModuleSpec:
             pre_mlp_layernorm=norm,
             mlp=mlp_spec(backend),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if backend == "te" else dict(TE_NORM_KEYS),
         ),
     )
 
