@@ -24,6 +24,25 @@ def padded_vocab_size(tokenizer_vocab: int) -> int:
     return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def check_load(cfg: Config, rank: int = 0) -> None:
+    """``--load DIR`` must hold a checkpoint, except in the auto-resume idiom ``--save DIR --load DIR``
+    (same directory), where an empty one means: first launch, start from scratch."""
+    from pathlib import Path
+
+    from megatron_vlm.training.checkpointing import read_latest
+
+    t = cfg.training
+    if not t.load or read_latest(t.load) is not None:
+        return
+    if t.save and Path(t.save).resolve() == Path(t.load).resolve():
+        if rank == 0:
+            print(f"pretrain_vlm.py: no checkpoint in {t.load} yet: starting from scratch", flush=True)
+        t.load = None
+        return
+    raise FileNotFoundError(f"--load {t.load}: no checkpoint there (no 'latest' file); to start fresh "
+                            f"and resume automatically later, pass the same directory to --save and --load")
+
+
 def prepare(argv=None) -> tuple[Config, object]:
     """Config + data description, validated. Raises ConfigError/FileNotFoundError (one line)."""
     from megatron_vlm.training.data_adapter import DataSpec
@@ -38,6 +57,7 @@ def prepare(argv=None) -> tuple[Config, object]:
     if cfg.model.image_token_id is None and spec.image_token_id is not None:
         cfg.model.image_token_id = spec.image_token_id
     validate(cfg, world_size=launch.world_size)
+    check_load(cfg, launch.rank)
     from megatron_vlm.models.specs import resolve_backend
 
     backend = resolve_backend(cfg.model.backend)  # 'te' without TE/CUDA: one-line error here

@@ -77,8 +77,8 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def test_resume_with_dali_data_is_bit_exact(tmp_path):
-    """Same as above on real shards through DALI (cross_attention arch, DP=2): the data position is
-    part of the checkpoint. 24 train samples = 6 micro batches per rank per epoch, so the resumed
+    """Same as above on real shards through DALI (cross_attention arch, DP=2, launched the Megatron
+    way with the same --save/--load each time): the data position is part of the checkpoint. 24 train samples = 6 micro batches per rank per epoch, so the resumed
     run (from iteration 5 of 8) also crosses an epoch boundary."""
     from megatron_vlm.data import synthetic
 
@@ -88,8 +88,11 @@ def test_resume_with_dali_data_is_bit_exact(tmp_path):
                    "--set", "data.num_threads=1"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_distributed(_cli, 2, argv + ["--train-iters", "8", "--log-dir", str(full)])
-    run_distributed(_cli, 2, argv + ["--train-iters", "5", "--log-dir", str(part), "--save", str(part / "ckpt")])
-    run_distributed(_cli, 2, argv + ["--train-iters", "8", "--log-dir", str(part), "--load", str(part / "ckpt")])
+    # the auto-resume idiom: the same --save/--load on every launch (the first finds no checkpoint)
+    resume = ["--log-dir", str(part), "--save", str(part / "ckpt"), "--load", str(part / "ckpt")]
+    run_distributed(_cli, 2, argv + ["--train-iters", "5"] + resume)
+    assert (part / "ckpt" / "latest").read_text() == "5"
+    run_distributed(_cli, 2, argv + ["--train-iters", "8"] + resume)
     a, b = _losses(full), _losses(part)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert [a[i] for i in range(1, 9)] == [b[i] for i in range(1, 9)]
@@ -215,6 +218,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: needs Transformer Engine"),
     (["--data-path", "/nonexistent/dir"], "--data-path /nonexistent/dir: no train/*.tar shards"),
     (["--set", "model.vision.image_size=30"], "model.vision.image_size=30: must be a multiple of model.vision.patch_size=4"),
+    (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no checkpoint there"),
 ])
 def test_bad_flags_fail_with_one_line_before_building(flags, expected):
     proc = subprocess.run([sys.executable, str(ROOT / "pretrain_vlm.py"), *TINY, "--train-iters", "1", *flags],
