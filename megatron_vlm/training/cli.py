@@ -57,6 +57,10 @@ def prepare(argv=None) -> tuple[Config, object]:
     if cfg.model.image_token_id is None and spec.image_token_id is not None:
         cfg.model.image_token_id = spec.image_token_id
     validate(cfg, world_size=launch.world_size)
+    from megatron_vlm.models import ARCHS
+
+    if cfg.model.arch not in ARCHS:  # a planned arch that has no implementation yet
+        raise ConfigError(f"model.arch={cfg.model.arch!r}: not implemented yet; implemented archs: {sorted(ARCHS)}")
     check_load(cfg, launch.rank)
     from megatron_vlm.models.specs import resolve_backend
 
