@@ -22,8 +22,7 @@ cross-attention layers as layers of their own, and so does our arch — ``model.
     output_layer.weight                language_model.lm_head.weight   PadRows: vocab rows
     decoder.final_layernorm.weight     norm.weight
 
-The same layout as ``mllama_text.py`` (the cross_attention arch's reference, whole-state-dict
-functions); this map is the streaming form of it, and the unit tests check that both agree.
+``mllama_text.py`` applies this text map to whole in-memory state dicts (model tests, warm starts).
 
 Vision tower: **carried as a wrapped HF module**, not ported. Mllama's tower (tiles, gated
 positional and aspect-ratio embeddings, a local and a gated global transformer, five intermediate
@@ -47,7 +46,16 @@ from megatron_vlm.conversion.families import Family, prefix_renamer, register
 from megatron_vlm.conversion.llava import read_image_stats
 from megatron_vlm.conversion.mapping import (GATE_UP, KV, ConversionError, Pair, PadRows, Rule,
                                              expand)
-from megatron_vlm.conversion.mllama_text import EXTRA_EMBEDDING_ROWS, _ca_indices
+
+EXTRA_EMBEDDING_ROWS = 8  # Mllama's embedding has vocab_size + 8 rows (<|image|> among the extra ones)
+
+
+def _ca_indices(config: ModelConfig) -> list[int]:
+    from megatron_vlm.models.cross_attention import cross_attention_layer_indices
+
+    ca = config.cross_attention
+    return cross_attention_layer_indices(config.language.num_layers, ca.every, ca.layers)
+
 
 RENAME = prefix_renamer([
     ("model.vision_model.", "vision_model."),
@@ -131,6 +139,9 @@ class Mllama(Family):
     def rename(self, key: str) -> str:
         return RENAME(key)
 
+    def structure(self, mc: ModelConfig) -> dict:
+        return structure(mc)
+
     def hf_model_class(self):
         from transformers import MllamaForConditionalGeneration
 
@@ -193,15 +204,6 @@ class Mllama(Family):
         image_token = mc.image_token_id if mc.image_token_id is not None else v
         return MllamaConfig(vision_config=dict(mc.vision.hf_config), text_config=text.to_dict(),
                             image_token_index=image_token, architectures=list(self.hf_architectures))
-
-    def base_matches(self, mc: ModelConfig, base: dict) -> bool:
-        from transformers import MllamaConfig
-
-        try:
-            theirs = self.model_config_from_hf(MllamaConfig.from_dict(base), None, 1)
-        except ConversionError:
-            return False
-        return structure(theirs) == structure(mc)
 
     # ---- keys -----------------------------------------------------------------------------
     def pairs(self, mc: ModelConfig) -> list:

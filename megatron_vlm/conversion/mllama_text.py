@@ -37,32 +37,24 @@ HF keys are accepted with any of the prefixes ``""``, ``model.``, ``language_mod
 ``language_model.model.``, ``model.language_model.`` (MllamaForCausalLM, saved
 MllamaForConditionalGeneration, in-memory MllamaForConditionalGeneration); vision keys are ignored.
 :func:`megatron_to_hf_text` writes MllamaForCausalLM names (``model.*``, ``lm_head.weight``).
+
+Both functions apply the converter's declarative text map (:func:`megatron_vlm.conversion.mllama.text_pairs`)
+to whole in-memory state dicts; they only rename its keys to the text model's own names.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import re
 
 from megatron_vlm.config import ModelConfig
-
-EXTRA_EMBEDDING_ROWS = 8
+from megatron_vlm.conversion import mapping
+from megatron_vlm.conversion.mllama import EXTRA_EMBEDDING_ROWS, _ca_indices, text_pairs
 
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
 _LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
-
-
-def _ca_indices(config: ModelConfig) -> list[int]:
-    from megatron_vlm.models.cross_attention import cross_attention_layer_indices
-
-    ca = config.cross_attention
-    return cross_attention_layer_indices(config.language.num_layers, ca.every, ca.layers)
-
-
-def _dims(config: ModelConfig) -> tuple[int, int, int]:
-    lang = config.language
-    heads = lang.num_attention_heads
-    groups = lang.num_query_groups or heads
-    return heads, groups, lang.hidden_size // heads
+# the prefixes text_pairs() writes its keys with
+_MAP_MCORE, _MAP_HF, _MAP_HF_HEAD = "language_model.", "language_model.model.", "language_model.lm_head.weight"
 
 
 def _text_view(hf_state_dict: dict) -> dict:
@@ -82,22 +74,30 @@ def _text_view(hf_state_dict: dict) -> dict:
     return out
 
 
-def _pad_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
-    if t.shape[0] > rows:
-        raise ValueError(f"{what}: HF has {t.shape[0]} rows but language.vocab_size={rows}; "
-                         f"set vocab_size >= {t.shape[0]} (Mllama: vocab_size + {EXTRA_EMBEDDING_ROWS})")
-    if t.shape[0] == rows:
-        return t.clone()
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def _te_name(key: str, ca: set[int]) -> str:
+    """A layer's norm under the name TE's fused linear gives it (``te`` backend state dicts)."""
+    from megatron_vlm.models.cross_attention import CA_TE_NORM_KEYS
+    from megatron_vlm.models.specs import TE_NORM_KEYS
+
+    m = re.match(r"(decoder\.layers\.(\d+)\.)(.*)$", key)
+    if m:
+        for local, te in (CA_TE_NORM_KEYS if int(m.group(2)) in ca else TE_NORM_KEYS).items():
+            if m.group(3).startswith(local):
+                return m.group(1) + te + m.group(3)[len(local):]
+    return key
 
 
-def _norm_keys(backend: str, kind: str) -> tuple[str, str]:
-    """(input norm, pre-MLP norm) Megatron names inside a layer."""
-    if backend == "te":
-        first = "self_attention.linear_qkv.layer_norm_weight" if kind == "self" else \
-            "cross_attention.linear_q.layer_norm_weight"
-        return first, "mlp.linear_fc1.layer_norm_weight"
-    return "input_layernorm.weight", "pre_mlp_layernorm.weight"
+def _local_pairs(config: ModelConfig, hf_vocab: int, backend: str) -> list[mapping.Pair]:
+    """``text_pairs`` for an HF vocab of ``hf_vocab``, keyed by language-model-local Megatron names
+    and text-model-local HF names."""
+    lang = dataclasses.replace(config.language, unpadded_vocab_size=hf_vocab)
+    ca = set(_ca_indices(config))
+    out = []
+    for p in text_pairs(dataclasses.replace(config, language=lang)):
+        mcore = p.mcore[len(_MAP_MCORE):]
+        hf = tuple("lm_head.weight" if k == _MAP_HF_HEAD else k[len(_MAP_HF):] for k in p.hf)
+        out.append(mapping.replace(p, mcore=_te_name(mcore, ca) if backend == "te" else mcore, hf=hf))
+    return out
 
 
 def hf_text_to_megatron(hf_state_dict: dict, config: ModelConfig, prefix: str = "language_model.",
@@ -105,112 +105,32 @@ def hf_text_to_megatron(hf_state_dict: dict, config: ModelConfig, prefix: str = 
     """HF Mllama text weights -> Megatron (TP=1) state dict of the ``cross_attention`` arch's
     language model, keys prefixed with ``prefix`` (``"language_model."`` loads into
     ``CrossAttentionVLM.load_state_dict(..., strict=False)``; ``""`` into the GPTModel itself)."""
-    heads, groups, d = _dims(config)
     n_layers = config.language.num_layers
     ca = set(_ca_indices(config))
     hf = _text_view(hf_state_dict)
     hf_layers = {int(k.split(".")[1]) for k in hf if k.startswith("layers.")}
     if hf_layers != set(range(n_layers)):
         raise ValueError(f"HF checkpoint has layers {sorted(hf_layers)}, config has {n_layers}")
-    out = {}
-
-    def put(name, value):
-        out[prefix + name] = value.detach().clone()
-
-    vocab = config.language.vocab_size
-    put("embedding.word_embeddings.weight", _pad_rows(hf["embed_tokens.weight"], vocab, "embed_tokens"))
-    put("output_layer.weight", _pad_rows(hf["lm_head.weight"], vocab, "lm_head"))
-    put("decoder.final_layernorm.weight", hf["norm.weight"])
     for i in range(n_layers):
-        h, m = f"layers.{i}.", f"decoder.layers.{i}."
-        is_ca = f"{h}cross_attn.q_proj.weight" in hf
+        is_ca = f"layers.{i}.cross_attn.q_proj.weight" in hf
         if is_ca != (i in ca):
             raise ValueError(f"layer {i}: HF is {'cross' if is_ca else 'self'}-attention, config says "
                              f"cross-attention layers are {sorted(ca)}")
-        in_norm, mlp_norm = _norm_keys(backend, "cross" if is_ca else "self")
-        put(m + in_norm, hf[h + "input_layernorm.weight"])
-        put(m + mlp_norm, hf[h + "post_attention_layernorm.weight"])
-        put(m + "mlp.linear_fc1.weight", torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]]))
-        put(m + "mlp.linear_fc2.weight", hf[h + "mlp.down_proj.weight"])
-        if is_ca:
-            a = h + "cross_attn."
-            put(m + "cross_attention.linear_q.weight", hf[a + "q_proj.weight"])
-            put(m + "cross_attention.linear_kv.weight", fuse_kv(hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], groups))
-            put(m + "cross_attention.q_layernorm.weight", hf[a + "q_norm.weight"])
-            put(m + "cross_attention.k_layernorm.weight", hf[a + "k_norm.weight"])
-            put(m + "cross_attention.linear_proj.weight", hf[a + "o_proj.weight"])
-            put(m + "cross_attn_attn_gate", hf[h + "cross_attn_attn_gate"].reshape(1))
-            put(m + "cross_attn_mlp_gate", hf[h + "cross_attn_mlp_gate"].reshape(1))
-        else:
-            a = h + "self_attn."
-            put(m + "self_attention.linear_qkv.weight",
-                fuse_qkv(hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], heads, groups))
-            put(m + "self_attention.linear_proj.weight", hf[a + "o_proj.weight"])
-    return out
+    vocab = config.language.vocab_size
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if hf[name].shape[0] > vocab:
+            raise ValueError(f"{name.split('.')[0]}: HF has {hf[name].shape[0]} rows but language.vocab_size="
+                             f"{vocab}; set vocab_size >= {hf[name].shape[0]} (Mllama: vocab_size + "
+                             f"{EXTRA_EMBEDDING_ROWS})")
+    pairs = _local_pairs(config, hf["lm_head.weight"].shape[0], backend)
+    return {prefix + k: t.detach().clone() for k, t in mapping.hf_to_mcore(pairs, hf.__getitem__)}
 
 
 def megatron_to_hf_text(state_dict: dict, config: ModelConfig, hf_vocab_size: int | None = None,
                         prefix: str = "language_model.", backend: str = "local") -> dict:
     """Inverse of :func:`hf_text_to_megatron`: MllamaForCausalLM keys (``model.*``, ``lm_head.weight``).
     ``hf_vocab_size`` defaults to ``language.vocab_size - 8``."""
-    heads, groups, d = _dims(config)
-    ca = set(_ca_indices(config))
     V = hf_vocab_size if hf_vocab_size is not None else config.language.vocab_size - EXTRA_EMBEDDING_ROWS
-    g = lambda name: state_dict[prefix + name].detach().clone()  # noqa: E731
-    out = {
-        "model.embed_tokens.weight": g("embedding.word_embeddings.weight")[:V + EXTRA_EMBEDDING_ROWS].clone(),
-        "lm_head.weight": g("output_layer.weight")[:V].clone(),
-        "model.norm.weight": g("decoder.final_layernorm.weight"),
-    }
-    for i in range(config.language.num_layers):
-        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        in_norm, mlp_norm = _norm_keys(backend, "cross" if i in ca else "self")
-        out[h + "input_layernorm.weight"] = g(m + in_norm)
-        out[h + "post_attention_layernorm.weight"] = g(m + mlp_norm)
-        gate, up = g(m + "mlp.linear_fc1.weight").chunk(2)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate.clone(), up.clone()
-        out[h + "mlp.down_proj.weight"] = g(m + "mlp.linear_fc2.weight")
-        if i in ca:
-            a = h + "cross_attn."
-            out[a + "q_proj.weight"] = g(m + "cross_attention.linear_q.weight")
-            out[a + "k_proj.weight"], out[a + "v_proj.weight"] = split_kv(g(m + "cross_attention.linear_kv.weight"), groups)
-            out[a + "q_norm.weight"] = g(m + "cross_attention.q_layernorm.weight")
-            out[a + "k_norm.weight"] = g(m + "cross_attention.k_layernorm.weight")
-            out[a + "o_proj.weight"] = g(m + "cross_attention.linear_proj.weight")
-            out[h + "cross_attn_attn_gate"] = g(m + "cross_attn_attn_gate")
-            out[h + "cross_attn_mlp_gate"] = g(m + "cross_attn_mlp_gate")
-        else:
-            a = h + "self_attn."
-            q, k, v = split_qkv(g(m + "self_attention.linear_qkv.weight"), heads, groups)
-            out[a + "q_proj.weight"], out[a + "k_proj.weight"], out[a + "v_proj.weight"] = q, k, v
-            out[a + "o_proj.weight"] = g(m + "self_attention.linear_proj.weight")
-    return out
-
-
-# ---- tensor layouts ------------------------------------------------------------------------------
-
-def fuse_qkv(q, k, v, heads: int, groups: int) -> torch.Tensor:
-    """``q [nq d, h]``, ``k/v [ng d, h]`` -> ``linear_qkv`` rows per group ``[q heads of g; k_g; v_g]``."""
-    d = k.shape[0] // groups
-    qg = q.reshape(groups, heads // groups * d, -1)
-    return torch.cat([qg, k.reshape(groups, d, -1), v.reshape(groups, d, -1)], dim=1).reshape(-1, q.shape[-1])
-
-
-def split_qkv(qkv, heads: int, groups: int):
-    d = qkv.shape[0] // (heads + 2 * groups)
-    per = qkv.reshape(groups, (heads // groups + 2) * d, -1)
-    q, k, v = per.split([heads // groups * d, d, d], dim=1)
-    h = qkv.shape[-1]
-    return q.reshape(-1, h).clone(), k.reshape(-1, h).clone(), v.reshape(-1, h).clone()
-
-
-def fuse_kv(k, v, groups: int) -> torch.Tensor:
-    """``k/v [ng d, h]`` -> ``linear_kv`` rows per group ``[k_g; v_g]``."""
-    d = k.shape[0] // groups
-    return torch.cat([k.reshape(groups, d, -1), v.reshape(groups, d, -1)], dim=1).reshape(-1, k.shape[-1])
-
-
-def split_kv(kv, groups: int):
-    h = kv.shape[-1]
-    k, v = kv.reshape(groups, 2, -1, h).unbind(1)
-    return k.reshape(-1, h).clone(), v.reshape(-1, h).clone()
+    pairs = _local_pairs(config, V, backend)
+    out = mapping.mcore_to_hf(pairs, lambda name: state_dict[prefix + name])
+    return {(k if k == "lm_head.weight" else "model." + k): t.detach().clone() for k, t in out}

@@ -133,7 +133,8 @@ def test_hf_key_renames_accept_both_transformers_layouts():
 
 
 def test_mllama_text_map_agrees_with_the_arch_reference():
-    """The streaming declarative map and mllama_text.hf_text_to_megatron produce the same tensors."""
+    """mllama_text (the in-memory form used by the model tests) renames the declarative map's keys
+    only: same tensors, and its export inverts the map."""
     from megatron_vlm.config import CrossAttentionConfig, LanguageConfig, ModelConfig
     from megatron_vlm.conversion.mllama import text_pairs
     from megatron_vlm.conversion.mllama_text import hf_text_to_megatron, megatron_to_hf_text
