@@ -176,6 +176,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PROJECTORS = ("mlp", "affine")
+CA_TEXT_ROW_MODES = ("zero", "hf")  # model.cross_attention.text_rows_without_image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,8 +405,9 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         ca = m.cross_attention
         if ca.layers is None:
             _positive("model.cross_attention.every", ca.every)
-        _require(ca.text_rows_without_image in ("zero", "hf"),
-                 f"model.cross_attention.text_rows_without_image={ca.text_rows_without_image!r}: allowed ['zero', 'hf']")
+        _require(ca.text_rows_without_image in CA_TEXT_ROW_MODES,
+                 f"model.cross_attention.text_rows_without_image={ca.text_rows_without_image!r}: "
+                 f"allowed {list(CA_TEXT_ROW_MODES)}")
     _require(t.lr_decay_style in LR_DECAY_STYLES,
              f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
     _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,

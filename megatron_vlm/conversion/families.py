@@ -40,9 +40,18 @@ class Family:
     def unused_hf_keys(self, hf_config, model_config) -> list[str]:
         return []
 
+    def structure(self, model_config) -> dict:
+        """The part of ``model_config`` an HF config determines (what ``base_matches`` compares)."""
+        raise NotImplementedError
+
     def base_matches(self, model_config, base: dict) -> bool:
-        """Whether the HF config an import started from still describes ``model_config``."""
-        return False
+        """Whether the HF config an import started from (``base``, a config dict) still describes
+        ``model_config``."""
+        try:
+            theirs = self.model_config_from_hf(self.hf_model_class().config_class.from_dict(base), None, 1)
+        except ConversionError:
+            return False
+        return self.structure(theirs) == self.structure(model_config)
 
     def fill_unused(self, key: str, hf_config):
         """A neutral value for an unused HF tensor when no carried copy exists (or None)."""

@@ -71,6 +71,9 @@ class Llava(Family):
     def rename(self, key: str) -> str:
         return RENAME(key)
 
+    def structure(self, mc: ModelConfig) -> dict:
+        return structure(mc)
+
     def hf_model_class(self):
         from transformers import LlavaForConditionalGeneration
 
@@ -136,15 +139,6 @@ class Llava(Family):
                 + expand(PROJECTOR_RULES, mcore_prefix="vision_projection.", hf_prefix="multi_modal_projector.")
                 + llama.pairs(mc.language, "language_model.", "language_model.model.",
                               "language_model.lm_head.weight"))
-
-    def base_matches(self, mc: ModelConfig, base: dict) -> bool:
-        from transformers import LlavaConfig
-
-        try:
-            theirs = self.model_config_from_hf(LlavaConfig.from_dict(base), None, 1)
-        except ConversionError:
-            return False
-        return structure(theirs) == structure(mc)
 
     def fill_unused(self, key: str, hf):
         h = hf.vision_config.hidden_size

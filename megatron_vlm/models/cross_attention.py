@@ -81,11 +81,12 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_vlm.config import CA_TEXT_ROW_MODES
 from megatron_vlm.models import specs
 from megatron_vlm.models.attention import SDPAttention
 from megatron_vlm.models.vlm import VLMModel, register_arch
 
-TEXT_ROW_MODES = ("zero", "hf")
+TEXT_ROW_MODES = CA_TEXT_ROW_MODES
 
 
 # ------------------------------------------------------------------------------------------------

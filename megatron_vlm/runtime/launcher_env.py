@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 _LAUNCHERS = (
-    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE",)),
     ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-     "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+     ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", ("MPI_LOCALNRANKS",)),
     # SLURM_NTASKS_PER_NODE exists only with --ntasks-per-node; SLURM_TASKS_PER_NODE ("4(x2)") always
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
      ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")),
@@ -56,8 +56,6 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
     env = os.environ if env is None else env
     for name, rank_key, world_key, local_key, local_world_keys in _LAUNCHERS:
         if rank_key in env and world_key in env:
-            if isinstance(local_world_keys, str):
-                local_world_keys = (local_world_keys,)
             local_world_key = next((k for k in local_world_keys if k in env), local_world_keys[0])
             world = _int(env, world_key)
             rank = _int(env, rank_key)

@@ -168,7 +168,7 @@ class TrainResult:
 def pipeline_seq_length(cfg: Config, model) -> int:
     """Length of the tensors pipeline stages exchange (archs that pack extra tokens override)."""
     fn = getattr(unwrap(model), "pipeline_seq_length", None)
-    return fn(cfg.data.images_per_sample) if callable(fn) else cfg.model.language.seq_length
+    return fn() if callable(fn) else cfg.model.language.seq_length
 
 
 def train(cfg: Config, data) -> TrainResult:

@@ -12,21 +12,12 @@ import pytest
 from megatron_vlm.config import Config
 from megatron_vlm.testing import parity
 from megatron_vlm.testing.batches import random_micro_batches
+from megatron_vlm.testing.configs import small_config
 from megatron_vlm.testing.distributed import run_distributed
 
 NUM_MICRO_BATCHES = 4
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-5
-
-
-def small_config() -> Config:
-    cfg = Config()
-    lang, v = cfg.model.language, cfg.model.vision
-    lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = 4, 64, 4, 2
-    lang.ffn_hidden_size, lang.vocab_size, lang.seq_length = 96, 256, 32
-    v.num_layers, v.hidden_size, v.num_attention_heads, v.ffn_hidden_size = 2, 32, 4, 64
-    v.image_size, v.patch_size = 16, 4  # 16 image tokens
-    return cfg
 
 
 def with_parallel(cfg: Config, tp=1, pp=1, sp=False) -> Config:
@@ -49,7 +40,7 @@ LAYOUTS = {  # name: (world size, tp, pp, sp)
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("joint_parity")
-    cfg = small_config()
+    cfg = small_config(language_layers=4)
     mbs = random_micro_batches(cfg.model, NUM_MICRO_BATCHES, micro_batch_size=2, seed=7)
     (loss,) = run_distributed(parity.reference_step, 1, cfg, mbs, str(root / "weights"), str(root / "ref_grads"))
     return cfg, mbs, root, loss

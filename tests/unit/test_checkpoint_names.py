@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from megatron_vlm.testing.distributed import run_distributed
-from tests.unit.test_joint_decoder import small_config
+from megatron_vlm.testing.configs import small_config
 
 # per layer kind: the TE names of its norm parameters
 TE_NORMS = {

@@ -13,19 +13,10 @@ import pytest
 import torch
 
 from megatron_vlm.config import Config
+from megatron_vlm.testing.configs import small_config
 from megatron_vlm.testing.distributed import run_distributed
 
 B = 2
-
-
-def small_config() -> Config:
-    cfg = Config()
-    lang, v = cfg.model.language, cfg.model.vision
-    lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = 2, 64, 4, 2
-    lang.ffn_hidden_size, lang.vocab_size, lang.seq_length = 96, 256, 32
-    v.num_layers, v.hidden_size, v.num_attention_heads, v.ffn_hidden_size = 2, 32, 4, 64
-    v.image_size, v.patch_size = 16, 4  # 16 image tokens at positions 1..16
-    return cfg
 
 
 def _grads(model, prefix: str) -> dict:
