@@ -51,7 +51,7 @@ def write_random_llava(folder: Path, dtype_name: str, seed: int = 0) -> tuple[in
     with torch.device("meta"):
         meta = LlavaForConditionalGeneration(cfg)
     # the on-disk names save_pretrained uses (the key map's names)
-    from megatron_vlm.conversion.llava import RENAME
+    from megatron_vlm.archs.joint_decoder.hf_llava import RENAME
 
     entries = [(RENAME(k), tuple(v.shape), dtype) for k, v in meta.state_dict().items()]
     del meta

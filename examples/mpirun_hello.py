@@ -26,7 +26,7 @@ def tiny_config(tp: int):
     from megatron_vlm.config import Config
 
     cfg = Config()
-    lang, v = cfg.model.language, cfg.model.vision
+    lang, v = cfg.model.language, cfg.model.vision_encoder
     lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = 2, 64, 4, 2
     lang.ffn_hidden_size, lang.vocab_size, lang.seq_length = 96, 256, 32
     v.num_layers, v.hidden_size, v.num_attention_heads, v.ffn_hidden_size = 1, 32, 4, 64
@@ -47,15 +47,14 @@ def main(argv=None) -> dict:
     from megatron_vlm import runtime
     from megatron_vlm.config import validate
     from megatron_vlm.models import build_model
-    from megatron_vlm.testing.batches import random_batch
+    from megatron_vlm.data.mock import random_batch
 
     ctx = runtime.initialize(tensor_model_parallel_size=args.tp, seed=1234)
     try:
         cfg = validate(tiny_config(args.tp), world_size=ctx.world_size)
         model = build_model(cfg).to(ctx.device)
         batch = random_batch(cfg.model, batch_size=2, seed=0).to(ctx.device)  # same on every rank
-        per_token = model(batch.tokens, batch.position_ids, images=batch.images,
-                          image_mask=batch.image_mask, labels=batch.labels)
+        per_token = model(batch.model_inputs())
         loss = (per_token * batch.loss_mask).sum() / batch.loss_mask.sum()
         loss.backward()
         grad_sq = sum(p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None)

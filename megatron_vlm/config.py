@@ -3,23 +3,32 @@
 Layout of a YAML file (every key optional; defaults below)::
 
     model:
-      arch: joint_decoder            # registry name, see megatron_vlm.models.ARCHS
+      arch: joint_decoder            # an arch of the registry (megatron_vlm/archs/)
       backend: auto                  # auto | local | te
-      vision: {num_layers, hidden_size, num_attention_heads, ffn_hidden_size, image_size, patch_size}
+      vision: {name, num_layers, hidden_size, num_attention_heads, ffn_hidden_size, image_size,
+               patch_size, hidden_dropout, attention_dropout}   # one encoder, or a list of them
       language: {num_layers, hidden_size, num_attention_heads, num_query_groups, ffn_hidden_size,
-                 vocab_size, seq_length, rotary_base, rope_scaling_factor}
-      cross_attention: {every: 4, layers: null, text_rows_without_image: zero}  # cross_attention arch
+                 vocab_size, seq_length, rotary_base, rope_scaling_factor,
+                 hidden_dropout, attention_dropout}             # dropout: 0.0 by default
+      <arch section>: {...}          # owned and validated by its arch, e.g.
+      cross_attention: {every: 4, layers: null, text_rows_without_image: zero}
       projector: mlp                 # mlp | affine
       freeze_vision: false
       freeze_projector: false
       freeze_language: false
     parallel: {tensor_model_parallel_size, pipeline_model_parallel_size, expert_model_parallel_size,
                context_parallel_size, sequence_parallel, virtual_pipeline_model_parallel_size}
-    training: {micro_batch_size, global_batch_size, train_iters, lr, ...}
+    training: {micro_batch_size, global_batch_size, train_iters, lr, calculate_per_token_loss, ...}
     data: {data_path, tokenizer_path, num_threads, images_per_sample}
 
 ``validate(cfg, world_size)`` checks every constraint before a model is built and raises
-:class:`ConfigError` with one line naming the field, the value and what is allowed.
+:class:`ConfigError` with one line naming the field, the value and what is allowed. The core rules
+are here; each arch adds its own (``ArchSpec.validate``) and owns its config section.
+
+``training.calculate_per_token_loss`` (default true; ``--no-calculate-per-token-loss`` turns it
+off): the loss is the mean over every loss token of the global batch (all micro batches and
+data-parallel ranks), as megatron-core computes it with ``calculate_per_token_loss``; off, it is
+the mean of the per-micro-batch means.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class VisionConfig:
+    name: str = "vision"
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -47,6 +57,8 @@ class VisionConfig:
     patch_size: int = 8
     add_class_token: bool = True
     layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     # a transformers vision tower used as is instead of megatron's CLIP ViT (its HF config dict,
@@ -76,37 +88,64 @@ class LanguageConfig:
     # context 8192, as in Llama 3.1/3.2); None = plain RoPE
     rope_scaling_factor: float | None = None
     layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0       # Megatron-LM's --hidden-dropout (its default is 0.1; ours 0.0)
+    attention_dropout: float = 0.0    # --attention-dropout
     untie_embeddings_and_output_weights: bool = True
     unpadded_vocab_size: int | None = None  # true vocab when vocab_size is padded (HF export trims to it)
 
 
-@dataclass
-class CrossAttentionConfig:
-    every: int = 4          # a cross-attention layer after every `every` self-attention layers
-    layers: list[int] | None = None  # explicit global indices in the combined layer list (wins)
-    # text rows that may attend no image: "zero" (Meta's reference: the CA layer adds exactly 0)
-    # or "hf" (transformers' Mllama: the attention branch still adds gated attention over all images)
-    text_rows_without_image: str = "zero"
+def _arch_sections() -> dict[str, type]:
+    """``{section name: config class}`` of the registered archs (imported on first use)."""
+    from megatron_vlm.archs import config_sections
+
+    return config_sections()
 
 
 @dataclass
 class ModelConfig:
+    """``vision`` is a list of encoders (YAML: one mapping or a list). Arch sections
+    (``model.<section>``) are not fields: every registered arch with a section has one here,
+    reachable as an attribute (``cfg.model.cross_attention.every``) and kept in ``sections``."""
     arch: str = "joint_decoder"
     backend: str = "auto"
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision: list[VisionConfig] = field(default_factory=lambda: [VisionConfig()],
+                                       metadata={"list_of": VisionConfig})
     language: LanguageConfig = field(default_factory=LanguageConfig)
-    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
     projector: str = "mlp"            # megatron MultimodalProjector type: mlp | affine
     drop_vision_class_token: bool = True
     freeze_vision: bool = False       # the vision encoder
     freeze_projector: bool = False    # the vision -> language projector
     freeze_language: bool = False     # the language decoder (cross-attention layers included)
     image_token_id: int | None = None  # None: the tokenizer's image token (vocab_size - 1 if no tokenizer)
+    sections: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        for name, cls in _arch_sections().items():
+            self.sections.setdefault(name, cls())
+
+    def __getattr__(self, name):  # only called when normal lookup fails: the arch sections
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"ModelConfig has no field or arch section {name!r}")
+
+    def __setattr__(self, name, value):
+        if name not in {f.name for f in dataclasses.fields(self)} and name in _arch_sections():
+            self.sections[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    @property
+    def vision_encoder(self) -> VisionConfig:
+        """The vision encoder (one today; several are fused by the fusion step when it lands)."""
+        if len(self.vision) != 1:
+            raise ConfigError(f"model.vision: {len(self.vision)} encoders; this needs exactly one")
+        return self.vision[0]
 
     @property
     def num_image_tokens(self) -> int:
-        """Decoder positions one image occupies (joint-decoder style archs)."""
-        v = self.vision
+        """Decoder positions one image occupies (``inline`` token layout)."""
+        v = self.vision_encoder
         return v.num_patches + (0 if self.drop_vision_class_token or not v.add_class_token else 1)
 
 
@@ -139,6 +178,7 @@ class TrainingConfig:
     fp8_format: str | None = None     # e4m3 | hybrid (Transformer Engine on GPU)
     fp8_recipe: str = "delayed"       # delayed | tensorwise | mxfp8 | blockwise
     use_distributed_optimizer: bool = True
+    calculate_per_token_loss: bool = True  # loss = mean over all loss tokens of the global batch
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
@@ -167,16 +207,17 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dict as in YAML: arch sections sit in ``model`` beside the fields."""
+        d = dataclasses.asdict(self)
+        d["model"].update(d["model"].pop("sections"))
+        return d
 
 
-ARCH_NAMES = ("joint_decoder", "cross_attention", "mot", "moma", "mmca")
 BACKENDS = ("auto", "local", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PROJECTORS = ("mlp", "affine")
-CA_TEXT_ROW_MODES = ("zero", "hf")  # model.cross_attention.text_rows_without_image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,15 +241,25 @@ def _build(cls, data: dict | None, where: str):
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
+    sections = _arch_sections() if cls is ModelConfig else {}
+    unknown = sorted(set(data) - set(known) - set(sections))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(set(known) | set(sections))}")
     kwargs = {}
     for name, value in data.items():
+        if name in sections:
+            kwargs.setdefault("sections", {})[name] = _build(sections[name], value, f"{where}.{name}")
+            continue
         f = known[name]
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
+        if "list_of" in f.metadata:  # one mapping or a list of them
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise ConfigError(f"{where}.{name}: an empty list; give at least one")
+            kwargs[name] = [_build(f.metadata["list_of"], v, f"{where}.{name}" + (f".{i}" if len(items) > 1 else ""))
+                            for i, v in enumerate(items)]
+        elif sub is not None and dataclasses.is_dataclass(sub):
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
             value = _coerce(f, value, f"{where}.{name}")
@@ -246,6 +297,8 @@ FLAG_MAP: dict[str, tuple[str, ...]] = {
     "expert_model_parallel_size": ("parallel", "expert_model_parallel_size"),
     "context_parallel_size": ("parallel", "context_parallel_size"),
     "sequence_parallel": ("parallel", "sequence_parallel"),
+    "hidden_dropout": ("model", "language", "hidden_dropout"),
+    "attention_dropout": ("model", "language", "attention_dropout"),
     "freeze_vision": ("model", "freeze_vision"),
     "freeze_projector": ("model", "freeze_projector"),
     "freeze_language": ("model", "freeze_language"),
@@ -263,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set model.vision.num_layers=4")
     bool_flags = {"sequence_parallel", "freeze_vision", "freeze_projector", "freeze_language", "bf16",
-                  "use_distributed_optimizer"}
+                  "use_distributed_optimizer", "calculate_per_token_loss"}
     for name, path in FLAG_MAP.items():
         flag = "--" + name.replace("_", "-")
         if name in bool_flags:
@@ -272,8 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         t = str(_field(path).type)  # the type of the config field the flag sets
         conv = int if t.startswith("int") else float if t.startswith("float") else str
         parser.add_argument(flag, type=conv, default=None)
-    parser.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
-                        action="store_false", default=None)
+    for name in ("use_distributed_optimizer", "calculate_per_token_loss"):
+        parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None)
     return parser
 
 
@@ -286,19 +339,54 @@ def _field(path: Sequence[str]) -> dataclasses.Field:
     return f
 
 
+def _step(obj, part: str, where: str, source: str):
+    """``obj.part`` while walking a dotted key; a list of sections is indexed by number, and a
+    list of one is stepped through (``model.vision.image_size`` = that of the one encoder)."""
+    if isinstance(obj, list):
+        if part.isdigit():
+            if int(part) >= len(obj):
+                raise ConfigError(f"{source}: {where} has {len(obj)} entries, no index {part}")
+            return obj[int(part)], True
+        if len(obj) != 1:
+            raise ConfigError(f"{source}: {where} holds {len(obj)} entries: index one, e.g. {where}.0.{part}")
+        return obj[0], False
+    if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+        raise ConfigError(f"{source}: unknown config section {part!r}")
+    return getattr(obj, part), True
+
+
+def _keys(obj) -> dict:
+    """Settable keys of a config section: its fields (and, for the model, the arch sections)."""
+    keys = {f.name: f for f in dataclasses.fields(obj) if f.name != "sections"}
+    return keys | dict.fromkeys(obj.sections) if isinstance(obj, ModelConfig) else keys
+
+
+def _is_section(value) -> bool:
+    return dataclasses.is_dataclass(value) or (isinstance(value, list) and value
+                                               and dataclasses.is_dataclass(value[0]))
+
+
 def _set_path(cfg: Config, path: Sequence[str], value: Any, source: str) -> None:
-    obj = cfg
-    for part in path[:-1]:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
-            raise ConfigError(f"{source}: unknown config section {part!r}")
-        obj = getattr(obj, part)
-    known = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
-    if path[-1] not in known:
-        raise ConfigError(f"{source}: unknown config key {'.'.join(path)!r}")
-    if dataclasses.is_dataclass(getattr(obj, path[-1])):
-        raise ConfigError(f"{source}: {'.'.join(path)!r} is a config section; set one of its keys "
-                          f"({sorted(f.name for f in dataclasses.fields(getattr(obj, path[-1])))})")
-    setattr(obj, path[-1], _coerce(known[path[-1]], value, f"{source}: {'.'.join(path)}"))
+    obj, parts, done = cfg, list(path), []
+    while len(parts) > 1 or isinstance(obj, list):
+        obj, consumed = _step(obj, parts[0], ".".join(done) or "config", source)
+        if consumed:
+            done.append(parts.pop(0))
+    known = _keys(obj) if dataclasses.is_dataclass(obj) else {}
+    name = ".".join(path)
+    if parts[0] not in known:
+        raise ConfigError(f"{source}: unknown config key {name!r}")
+    current = getattr(obj, parts[0])
+    if _is_section(current):
+        section = current[0] if isinstance(current, list) else current
+        raise ConfigError(f"{source}: {name!r} is a config section; set one of its keys "
+                          f"({sorted(_keys(section))})")
+    setattr(obj, parts[0], _coerce(known[parts[0]], value, f"{source}: {name}"))
+
+
+def set_key(cfg: Config, key: str, value: Any, source: str | None = None) -> None:
+    """Set a dotted config key (``model.vision.image_size``) as ``--set`` does; ConfigError if bad."""
+    _set_path(cfg, key.split("."), value, source or f"--set {key}={value}")
 
 
 def from_args(args: argparse.Namespace) -> Config:
@@ -335,31 +423,88 @@ def _positive(name: str, value) -> None:
              f"{name}={value!r}: must be a positive integer")
 
 
-def validate(cfg: Config, world_size: int | None = None) -> Config:
-    """Check every cross-field constraint; raise ConfigError (one line) on the first violation."""
-    m, v, lang, p, t = cfg.model, cfg.model.vision, cfg.model.language, cfg.parallel, cfg.training
-    _require(m.arch in ARCH_NAMES, f"model.arch={m.arch!r}: allowed {list(ARCH_NAMES)}")
+def _encoders(m: ModelConfig) -> list[tuple[str, VisionConfig]]:
+    """(config path, encoder): ``model.vision`` for a single encoder, ``model.vision.i`` else."""
+    if len(m.vision) == 1:
+        return [("model.vision", m.vision[0])]
+    return [(f"model.vision.{i}", v) for i, v in enumerate(m.vision)]
+
+
+def _dropout(name: str, value) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+             f"{name}={value!r}: must be a probability in [0, 1)")
+
+
+def _check_arch(m: ModelConfig):
+    from megatron_vlm.archs import PLANNED_ARCHS, get_arch, registered_archs
+
+    names = sorted(registered_archs())
+    if m.arch in PLANNED_ARCHS and m.arch not in names:
+        raise ConfigError(f"model.arch={m.arch!r}: not implemented yet; implemented archs: {names}")
+    _require(m.arch in names, f"model.arch={m.arch!r}: allowed {names}")
+    return get_arch(m.arch)
+
+
+def _check_fp8(cfg: Config, machine: bool) -> None:
+    """FP8 needs Transformer Engine layers: the one place this rule lives (``machine``: also that
+    this machine has them)."""
+    t, m = cfg.training, cfg.model
+    _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
+             f"training.fp8_format={t.fp8_format!r}: allowed {list(FP8_FORMATS)} (GPU with Transformer Engine)")
+    if t.fp8_format is None:
+        return
+    _require(m.backend != "local",
+             f"training.fp8_format={t.fp8_format!r}: needs model.backend 'te' or 'auto' (Transformer Engine), not 'local'")
+    _require(t.fp8_recipe in FP8_RECIPES, f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
+    if not machine:
+        return
+    from megatron_vlm.models.backends import te_available
+
+    _require(te_available(), f"--fp8-format {t.fp8_format}: needs Transformer Engine on a CUDA device "
+                             f"(model.backend {m.backend!r} resolves to 'local' here)")
+
+
+def validate(cfg: Config, world_size: int | None = None, machine: bool = False) -> Config:
+    """Check every cross-field constraint; raise ConfigError (one line) on the first violation.
+    The core rules are here; the arch's own come from its ``ArchSpec.validate``. ``machine``: also
+    what this machine must have (Transformer Engine + CUDA for ``backend: te`` and FP8), as the
+    launcher checks before building; without it a GPU config validates on any machine."""
+    m, lang, p, t = cfg.model, cfg.model.language, cfg.parallel, cfg.training
+    arch = _check_arch(m)
     _require(m.backend in BACKENDS, f"model.backend={m.backend!r}: allowed {list(BACKENDS)}")
+    if m.backend == "te" and machine:
+        from megatron_vlm.models.backends import te_available
+
+        _require(te_available(), "model.backend='te': needs Transformer Engine and a CUDA device; use 'local' or 'auto'")
     _require(m.projector in PROJECTORS, f"model.projector={m.projector!r}: allowed {list(PROJECTORS)}")
-    for section, obj in (("model.vision", v), ("model.language", lang)):
+    encoders = _encoders(m)
+    _require(len(encoders) == 1, f"model.vision: {len(encoders)} encoders; fusing several vision encoders "
+                                 f"is not implemented yet (give one)")
+    names = [v.name for _, v in encoders]
+    _require(len(set(names)) == len(names), f"model.vision names {names}: must be distinct")
+    for section, obj in encoders + [("model.language", lang)]:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             _positive(f"{section}.{name}", getattr(obj, name))
+        for name in ("hidden_dropout", "attention_dropout"):
+            _dropout(f"{section}.{name}", getattr(obj, name))
     for name in ("vocab_size", "seq_length"):
         _positive(f"model.language.{name}", getattr(lang, name))
     if lang.unpadded_vocab_size is not None:
         _require(0 < lang.unpadded_vocab_size <= lang.vocab_size,
                  f"model.language.unpadded_vocab_size={lang.unpadded_vocab_size}: must be in [1, vocab_size={lang.vocab_size}]")
-    for name in ("image_size", "patch_size"):
-        _positive(f"model.vision.{name}", getattr(v, name))
+    for section, v in encoders:
+        for name in ("image_size", "patch_size"):
+            _positive(f"{section}.{name}", getattr(v, name))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "context_parallel_size"):
         _positive(f"parallel.{name}", getattr(p, name))
     for name in ("micro_batch_size", "global_batch_size", "train_iters"):
         _positive(f"training.{name}", getattr(t, name))
 
-    _require(v.image_size % v.patch_size == 0,
-             f"model.vision.image_size={v.image_size}: must be a multiple of model.vision.patch_size={v.patch_size}")
-    for section, obj in (("model.vision", v), ("model.language", lang)):
+    for section, v in encoders:
+        _require(v.image_size % v.patch_size == 0,
+                 f"{section}.image_size={v.image_size}: must be a multiple of {section}.patch_size={v.patch_size}")
+    for section, obj in encoders + [("model.language", lang)]:
         _require(obj.hidden_size % obj.num_attention_heads == 0,
                  f"{section}.hidden_size={obj.hidden_size}: must be divisible by "
                  f"{section}.num_attention_heads={obj.num_attention_heads}")
@@ -373,7 +518,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
              f"model.language.num_attention_heads={lang.num_attention_heads}")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    for section, obj in (("model.vision", v), ("model.language", lang)):
+    for section, obj in encoders + [("model.language", lang)]:
         _require(obj.num_attention_heads % tp == 0,
                  f"{section}.num_attention_heads={obj.num_attention_heads}: must be divisible by "
                  f"parallel.tensor_model_parallel_size={tp}")
@@ -393,30 +538,19 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         _require(tp > 1, "parallel.sequence_parallel=True: needs tensor_model_parallel_size > 1")
     ep = p.expert_model_parallel_size
     if ep > 1:
-        _require(m.arch == "moma", f"parallel.expert_model_parallel_size={ep}: only the 'moma' arch has experts (arch={m.arch!r})")
+        _require(arch.experts, f"parallel.expert_model_parallel_size={ep}: only archs with experts take it "
+                               f"(arch={m.arch!r} has none)")
     if m.image_token_id is not None:
         _require(0 <= m.image_token_id < lang.vocab_size,
                  f"model.image_token_id={m.image_token_id}: must be in [0, vocab_size={lang.vocab_size})")
-    if m.arch == "joint_decoder":
-        _require(m.num_image_tokens * cfg.data.images_per_sample < lang.seq_length,
-                 f"model.language.seq_length={lang.seq_length}: must exceed the {m.num_image_tokens} image "
-                 f"tokens x {cfg.data.images_per_sample} images per sample")
-    if m.arch == "cross_attention":
-        ca = m.cross_attention
-        if ca.layers is None:
-            _positive("model.cross_attention.every", ca.every)
-        _require(ca.text_rows_without_image in CA_TEXT_ROW_MODES,
-                 f"model.cross_attention.text_rows_without_image={ca.text_rows_without_image!r}: "
-                 f"allowed {list(CA_TEXT_ROW_MODES)}")
+    n, per_image = cfg.data.images_per_sample, arch.token_layout.positions_per_image(m)
+    _require(per_image * n < lang.seq_length,
+             f"model.language.seq_length={lang.seq_length}: must exceed the {per_image} image "
+             f"tokens x {n} images per sample ({arch.token_layout.value} token layout)")
+    arch.validate(cfg)
     _require(t.lr_decay_style in LR_DECAY_STYLES,
              f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
-    _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
-             f"training.fp8_format={t.fp8_format!r}: allowed {list(FP8_FORMATS)} (GPU with Transformer Engine)")
-    if t.fp8_format is not None:
-        _require(m.backend != "local",
-                 f"training.fp8_format={t.fp8_format!r}: needs model.backend 'te' or 'auto' (Transformer Engine), not 'local'")
-        _require(t.fp8_recipe in FP8_RECIPES,
-                 f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
+    _check_fp8(cfg, machine)
     _require(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and t.lr > 0,
              f"training.lr={t.lr!r}: must be a number > 0")
 

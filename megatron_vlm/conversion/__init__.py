@@ -13,8 +13,8 @@ Families (one module each, declarative key maps built from the shared ops in ``m
 ==============================================  ===================  =========================
 HF                                              our arch             module
 ==============================================  ===================  =========================
-LlavaForConditionalGeneration (CLIP + Llama)    joint_decoder        llava.py (clip.py, llama.py)
-MllamaForConditionalGeneration                  cross_attention      mllama.py
+LlavaForConditionalGeneration (CLIP + Llama)    joint_decoder        archs/joint_decoder/hf_llava.py
+MllamaForConditionalGeneration                  cross_attention      archs/cross_attention/hf_mllama.py
 LlamaForCausalLM + CLIPVisionModel /            any (joint_decoder,  warm_start.py
 SiglipVisionModel (warm start, import only)     cross_attention, ..)
 ==============================================  ===================  =========================

@@ -65,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="init seed for parameters a warm start adds")
     p.add_argument("--vision-feature-layer", type=int, default=-2,
                    help="warm start from CLIP: hidden state used as image features (LLaVA's -2)")
-    p.add_argument("--cross-attention-every", type=int, default=4,
-                   help="warm start into cross_attention: one CA layer per this many self-attention layers")
+    p.add_argument("--cross-attention-every", type=int, default=None,
+                   help="warm start into cross_attention: one CA layer per this many self-attention "
+                        "layers (= --set model.cross_attention.every=N; default 4)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="warm start: set a model config key, e.g. --set model.cross_attention.every=2")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("export-hf", help="Megatron dist checkpoint (any TP/PP) -> HF folder")
@@ -86,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="also compare N greedy tokens (HF generate vs our model)")
     return parser
+
+
+def _model_overrides(args) -> dict:
+    """``--set model.KEY=VALUE`` (and ``--cross-attention-every``) as ``{KEY: value}``."""
+    import yaml
+
+    out = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.startswith("model."):
+            raise ConversionError(f"--set {item!r}: expected model.KEY=VALUE, e.g. model.cross_attention.every=2")
+        out[key[len("model."):]] = yaml.safe_load(raw)
+    if args.cross_attention_every is not None:
+        out["cross_attention.every"] = args.cross_attention_every
+    return out
 
 
 def _err(msg: str) -> int:
@@ -112,11 +130,11 @@ def run_verify(args) -> int:
     ranks = spec["tp"] * spec["pp"]
     launch = detect()
     if launch.world_size == 1 and ranks > 1:
-        from megatron_vlm.testing.distributed import DistributedTestError, run_distributed
+        from megatron_vlm.runtime.spawn import SpawnError, run_distributed
 
         try:
             out = run_distributed(_verify_rank, ranks, spec, threads=max(1, (os.cpu_count() or 1) // ranks))[0]
-        except DistributedTestError as e:
+        except SpawnError as e:
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             conv = [ln for ln in lines if "ConversionError" in ln or "ConfigError" in ln]
             return _err((conv[-1].split(": ", 1)[-1]) if conv else lines[-1])
@@ -164,7 +182,7 @@ def main(argv=None) -> int:
                       dtype=dtype, arch=args.arch, overwrite=args.overwrite,
                       vocab_multiple=args.make_vocab_size_divisible_by, vision_path=args.vision_path,
                       seed=args.seed, vision_feature_layer=args.vision_feature_layer,
-                      cross_attention_every=args.cross_attention_every)
+                      model_overrides=_model_overrides(args))
         elif args.command == "export-hf":
             from megatron_vlm.conversion.convert import export_hf
 

@@ -18,7 +18,7 @@ Key map (megatron prefix ``vision_model.``; HF prefix ``vision_tower.`` inside L
 Not represented by our model: ``post_layernorm`` (LLaVA reads hidden states before it) and the
 layers after LLaVA's ``vision_feature_layer``. Our tower is built only as deep as the selected
 layer (megatron-LM's LLaVA does the same); the HF tensors it does not use are *carried* by the
-import (see ``llava.py``) so that an export restores them bit for bit.
+import (see ``archs/joint_decoder/hf_llava.py``) so that an export restores them bit for bit.
 """
 
 from __future__ import annotations

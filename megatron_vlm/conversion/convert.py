@@ -15,27 +15,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_vlm.config import Config, ConfigError, ParallelConfig, validate
-from megatron_vlm.conversion import hf_io, megatron_io
+from megatron_vlm.conversion import hf_io, megatron_io, warm_start
 from megatron_vlm.conversion.families import Family, family_for_arch, family_for_hf
 from megatron_vlm.conversion.mapping import (ConversionError, check_pairs, hf_to_mcore, key_report,
                                              cast)
-
-
-def log(msg: str) -> None:
-    print(f"[convert] {msg}", flush=True)
-
-
-def build_config(mc, tp: int, pp: int, ep: int, dtype: torch.dtype) -> Config:
-    cfg = Config(model=mc, parallel=ParallelConfig(tensor_model_parallel_size=tp,
-                                                   pipeline_model_parallel_size=pp,
-                                                   expert_model_parallel_size=ep))
-    cfg.training.bf16 = dtype == torch.bfloat16
-    try:
-        validate(cfg)
-    except ConfigError as e:
-        raise ConversionError(f"target layout TP={tp} PP={pp} EP={ep}: {e}") from None
-    return cfg
+from megatron_vlm.conversion.megatron_io import build_config, log
 
 
 def check_hf_keys(reader: hf_io.HFReader, pairs, unused: list[str], where: str) -> list[str]:
@@ -74,18 +58,18 @@ def write_carried(dest: Path, reader: hf_io.HFReader, keys: list[str], folder: P
 def import_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1, ep: int = 1,
               dtype: torch.dtype | None = None, arch: str | None = None, overwrite: bool = False,
               vocab_multiple: int = 128, vision_path: str | None = None, seed: int = 1234,
-              vision_feature_layer: int = -2, cross_attention_every: int = 4) -> Path:
+              vision_feature_layer: int = -2, model_overrides: dict | None = None) -> Path:
+    """``model_overrides``: ``{dotted model config key: value}`` applied to a warm start's config
+    before the layout is derived (e.g. ``{"cross_attention.every": 2}``)."""
     folder = Path(hf_path)
     cfg_json = hf_io.read_config_json(folder)
     archs = cfg_json.get("architectures") or []
     if vision_path is not None or any(a in ("LlamaForCausalLM",) for a in archs):
-        from megatron_vlm.conversion import warm_start
-
         return warm_start.import_warm_start(hf_path, vision_path, save, arch=arch, tp=tp, pp=pp,
                                             ep=ep, dtype=dtype, overwrite=overwrite,
                                             vocab_multiple=vocab_multiple, seed=seed,
                                             vision_feature_layer=vision_feature_layer,
-                                            cross_attention_every=cross_attention_every)
+                                            model_overrides=model_overrides)
     family = family_for_hf(archs, cfg_json.get("model_type"), f"--hf-path {folder}")
     if arch is not None and arch != family.arch:
         raise ConversionError(f"--arch {arch}: {archs[0]} converts to the {family.arch!r} arch "

@@ -1,6 +1,8 @@
-"""Registry of conversion families: an HF architecture <-> one of our archs.
+"""Conversion families: an HF architecture <-> one of our archs. Each arch names its family in its
+``ArchSpec.conversion_family`` (e.g. ``megatron_vlm/archs/joint_decoder/hf_llava.py``); the
+lookups below ask the arch registry.
 
-A family supplies four things, all declarative or close to it:
+A family supplies these, all declarative or close to it:
 
 * ``rename(stored_key)``: normalise the names an HF folder may use (transformers 4.x/5.x layouts)
   to the ones the key map is written in (what ``save_pretrained`` writes);
@@ -8,7 +10,9 @@ A family supplies four things, all declarative or close to it:
   anything our model cannot represent raises :class:`ConversionError` with one line;
 * ``pairs(model_config)``: the key map (list of :class:`~megatron_vlm.conversion.mapping.Pair`);
 * ``unused_hf_keys(hf_config, model_config)``: HF tensors the model does not use (carried through
-  an import so that export restores them).
+  an import so that export restores them);
+* for ``verify``: ``sample_inputs(model_config)`` (our :class:`~megatron_vlm.data.batch.ModelInputs`),
+  ``hf_logits(hf_model, inputs)`` and ``hf_generate(hf_model, inputs, n)`` on the same inputs.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from __future__ import annotations
 from typing import Callable
 
 from megatron_vlm.conversion.mapping import ConversionError
-
-FAMILIES: dict[str, "Family"] = {}
 
 
 class Family:
@@ -61,34 +63,30 @@ class Family:
         raise NotImplementedError
 
 
-def register(cls):
-    inst = cls()
-    FAMILIES[inst.name] = inst
-    return cls
+def _families() -> dict[str, "Family"]:
+    """``{arch name: its family}`` over the registered archs that have one."""
+    from megatron_vlm.archs import registered_archs
 
-
-def _load_all() -> None:
-    from megatron_vlm.conversion import llava, mllama  # noqa: F401  (register the families)
+    return {name: spec.family() for name, spec in registered_archs().items() if spec.conversion_family}
 
 
 def family_for_hf(architectures: list[str] | None, model_type: str | None, where: str) -> Family:
-    _load_all()
-    for fam in FAMILIES.values():
+    families = _families().values()
+    for fam in families:
         if architectures and any(a in fam.hf_architectures for a in architectures):
             return fam
-    supported = sorted(a for f in FAMILIES.values() for a in f.hf_architectures)
+    supported = sorted(a for f in families for a in f.hf_architectures)
     raise ConversionError(f"{where}: unsupported HF architecture {architectures or model_type!r}; "
                           f"supported: {supported} (warm start from LlamaForCausalLM + a vision "
                           f"tower: use --vision-path)")
 
 
 def family_for_arch(arch: str) -> Family:
-    _load_all()
-    for fam in FAMILIES.values():
-        if fam.arch == arch:
-            return fam
-    raise ConversionError(f"model.arch={arch!r}: no HF export for this arch; exportable archs: "
-                          f"{sorted(f.arch for f in FAMILIES.values())}")
+    families = _families()
+    if arch not in families:
+        raise ConversionError(f"model.arch={arch!r}: no HF export for this arch; exportable archs: "
+                              f"{sorted(families)}")
+    return families[arch]
 
 
 def prefix_renamer(table: list[tuple[str, str]]) -> Callable[[str], str]:

@@ -147,6 +147,15 @@ def read_config_json(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_image_stats(folder) -> tuple:
+    """``image_mean`` / ``image_std`` from ``preprocessor_config.json`` when the folder has one."""
+    path = Path(folder) / "preprocessor_config.json" if folder else None
+    if path is None or not path.is_file():
+        return None, None
+    data = json.loads(path.read_text())
+    return data.get("image_mean"), data.get("image_std")
+
+
 def load_hf_config(folder: str | Path):
     """transformers' config object (fills defaults that config.json may omit). Offline."""
     read_config_json(folder)

@@ -157,10 +157,3 @@ def language_config_to_hf(lang: LanguageConfig, base: dict | None = None, **extr
     kw.pop("rope_theta", None)
     kw.update(extra)
     return LlamaConfig(**kw)
-
-
-def check_same(ours, theirs, what: str, fields) -> None:
-    for f in fields:
-        a, b = getattr(ours, f), getattr(theirs, f)
-        if a != b:
-            raise ConversionError(f"{what}.{f}: checkpoint has {a!r}, config has {b!r}")

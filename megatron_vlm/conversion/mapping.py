@@ -112,11 +112,6 @@ def merge_gate_up_tp(shards: Sequence[torch.Tensor]) -> torch.Tensor:
     return fuse_gate_up(torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves]))
 
 
-def split_qkv_tp(qkv: torch.Tensor, tp: int) -> list[torch.Tensor]:
-    """Per-rank ``linear_qkv`` shards: whole query groups per rank (plain row chunks)."""
-    return list(qkv.chunk(tp, dim=0))
-
-
 # ------------------------------------------------------------------------------------------------
 # Ops
 # ------------------------------------------------------------------------------------------------

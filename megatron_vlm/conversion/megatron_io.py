@@ -24,6 +24,7 @@ import torch
 
 from megatron_vlm.config import Config, ParallelConfig, from_dict
 from megatron_vlm.conversion.mapping import ConversionError, key_report
+from megatron_vlm.models.backends import te_norm_aliases
 
 HF_SOURCE_DIR = "hf_source"          # inside iter_XXXXXXX/: what an import carries for export
 CARRIED_FILE = "carried.safetensors"  # HF tensors our model does not represent
@@ -81,11 +82,29 @@ def fill_model(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
 
 
 def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None) -> Path:
-    """Write ``save_dir/iter_0000000`` + ``latest`` with the lead's checkpointing contract."""
+    """Write ``save_dir/iter_0000000`` + ``latest`` with the training checkpoint contract."""
     from megatron_vlm.training.checkpointing import save_checkpoint
 
-    return Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {},
-                                non_homogeneous_layers=cfg.model.arch != "joint_decoder"))
+    return Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {}))
+
+
+def log(msg: str) -> None:
+    print(f"[convert] {msg}", flush=True)
+
+
+def build_config(mc, tp: int, pp: int, ep: int, dtype: torch.dtype) -> Config:
+    """The checkpoint's config at the target layout, validated (one-line ConversionError)."""
+    from megatron_vlm.config import ConfigError, validate
+
+    cfg = Config(model=mc, parallel=ParallelConfig(tensor_model_parallel_size=tp,
+                                                   pipeline_model_parallel_size=pp,
+                                                   expert_model_parallel_size=ep))
+    cfg.training.bf16 = dtype == torch.bfloat16
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConversionError(f"target layout TP={tp} PP={pp} EP={ep}: {e}") from None
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,9 +113,7 @@ def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None) ->
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)\.(.*)$")
 # TE specs fuse the norms into the next linear: accept those names too when reading.
-_TE_ALIASES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),   # specs.TE_NORM_KEYS
-               ("input_layernorm.", "cross_attention.linear_q.layer_norm_"),    # cross_attention CA layers
-               ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_TE_ALIASES = te_norm_aliases()
 
 
 class MegatronReader:

@@ -5,13 +5,15 @@ from the dist checkpoint with megatron's resharding loader, vocab-parallel logit
 TP); the HF side is transformers' ``from_pretrained`` model. Both in fp32 unless ``--dtype`` says
 otherwise. Only rank 0 builds the HF model.
 
-Also: :func:`megatron_greedy` (greedy decoding with our model, no KV cache) for the
-"exported folder generates the same tokens" check.
+Both sides get the same inputs: the family's ``sample_inputs`` (our ``ModelInputs``, passed to our
+model as is, the one model-input contract) from which the family derives transformers' arguments.
+Also: :func:`megatron_greedy` (greedy decoding with our model, no KV cache, each step's inputs from
+the arch's decode hook ``ArchSpec.extend_inputs``) for the "exported folder generates the same
+tokens" check.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,9 +101,9 @@ def verify(hf_path: str, load: str, tp: int = 1, pp: int = 1, tolerance: float =
     family = family_for_arch(cfg.model.arch)
     v = hf_vocab_size(cfg.model.language)
     inputs = family.sample_inputs(cfg.model, seed=seed, text_len=text_len)
-    ours = gather_logits(family.megatron_logits(model, inputs)).float()
+    ours = gather_logits(model(inputs)).float()
     gen_inputs = family.sample_inputs(cfg.model, seed=seed + 1, text_len=max(2, text_len // 2))
-    ours_gen = megatron_greedy(model, family, gen_inputs, generate, v) if generate else None
+    ours_gen = megatron_greedy(model, gen_inputs, generate, v) if generate else None
     if not _rank0():
         return None
     del model
@@ -122,18 +124,13 @@ def verify(hf_path: str, load: str, tp: int = 1, pp: int = 1, tolerance: float =
 
 
 @torch.no_grad()
-def megatron_greedy(model, family, inputs: dict, max_new_tokens: int, vocab: int) -> list[int]:
-    """Greedy continuation of ``inputs`` with our model (full recompute per step)."""
-    inputs = copy.copy(inputs)
+def megatron_greedy(model, inputs, max_new_tokens: int, vocab: int) -> list[int]:
+    """Greedy continuation of ``inputs`` (``ModelInputs``, batch 1) with our model (full
+    recompute per step)."""
     out = []
     for _ in range(max_new_tokens):
-        logits = gather_logits(family.megatron_logits(model, inputs))[..., :vocab]
+        logits = gather_logits(model(inputs))[..., :vocab]
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        inputs = family.append_token(inputs, nxt)
+        inputs = model.arch.extend_inputs(inputs, torch.tensor([[nxt]]))
     return out
-
-
-@torch.no_grad()
-def hf_greedy(hf_model, family, inputs: dict, max_new_tokens: int) -> list[int]:
-    return family.hf_generate(hf_model, inputs, max_new_tokens)

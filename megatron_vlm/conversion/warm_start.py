@@ -5,9 +5,10 @@ streamed in; everything the two HF models do not provide keeps the arch's init, 
 arch's identity-at-step-0 rule where it has one (``cross_attention``: tanh gates at 0, so the
 decoder computes exactly the Llama text model; the projector is freshly initialised everywhere).
 
-* language: the Llama map (``llama.py``). For ``cross_attention`` the decoder has extra CA layers
-  (``--cross-attention-every``, default 4, i.e. Mllama's cadence): Llama layer ``j`` goes to the
-  ``j``-th self-attention position; ``language.num_layers`` = Llama layers + CA layers.
+* language: the Llama map (``llama.py``). Where the arch adds layers of its own (its
+  ``ArchSpec.place_text_layers``; ``cross_attention``: CA layers every
+  ``model.cross_attention.every``, default 4 = Mllama's cadence), Llama layer ``j`` goes to the
+  position the arch gives it and ``language.num_layers`` counts both.
 * vision: CLIP -> megatron's CLIP ViT (``clip.py``; as deep as ``vision_feature_layer``, LLaVA's
   -2 by default, class token dropped); SigLIP -> the wrapped HF SigLIP tower
   (``model.vision.hf_config``; ``vision_model.hf.*`` = the HF names, pooling head dropped).
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from megatron_vlm.config import CrossAttentionConfig, ModelConfig, VisionConfig
+from megatron_vlm.config import Config, ConfigError, ModelConfig, VisionConfig, set_key
 from megatron_vlm.conversion import clip, hf_io, llama, megatron_io
-from megatron_vlm.conversion.convert import build_config, log
 from megatron_vlm.conversion.mapping import (ConversionError, Pair, check_pairs, hf_to_mcore,
                                              key_report)
+from megatron_vlm.conversion.megatron_io import build_config, log
 
 VISION_PREFIXES = ("vision_model.", "vision_tower.")
 SIGLIP_UNUSED_PREFIX = "head."
@@ -40,29 +41,10 @@ def _llama_rename(key: str) -> str:
     return key
 
 
-def cross_attention_num_layers(text_layers: int, every: int) -> int:
-    """Total layers such that the self-attention layers number ``text_layers``."""
-    from megatron_vlm.models.cross_attention import (cross_attention_layer_indices,
-                                                     text_layer_indices)
-
-    n = text_layers
-    while True:
-        n += 1
-        try:
-            ca = cross_attention_layer_indices(n, every, None)
-        except ValueError:
-            continue
-        if len(text_layer_indices(n, ca)) == text_layers:
-            return n
-        if n > 3 * text_layers + every + 2:
-            raise ConversionError(f"--cross-attention-every {every}: no layer count gives {text_layers} "
-                                  f"self-attention layers")
-
-
 def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch: str | None = None,
                       tp: int = 1, pp: int = 1, ep: int = 1, dtype: torch.dtype | None = None,
                       overwrite: bool = False, vocab_multiple: int = 128, seed: int = 1234,
-                      vision_feature_layer: int = -2, cross_attention_every: int = 4) -> Path:
+                      vision_feature_layer: int = -2, model_overrides: dict | None = None) -> Path:
     if vision_path is None:
         raise ConversionError(f"--hf-path {llama_path} is a text-only model: warm start needs --vision-path "
                               f"(a CLIPVisionModel or SiglipVisionModel folder)")
@@ -90,9 +72,7 @@ def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch:
     if vtype == "clip_vision_model":
         vc = CLIPVisionConfig(**{k: v for k, v in vcfg_json.items() if k != "model_type"})
         k = clip.used_layers(vc.num_hidden_layers, vision_feature_layer, "--vision-feature-layer")
-        from megatron_vlm.conversion.llava import read_image_stats
-
-        mean, std = read_image_stats(vision_path)
+        mean, std = hf_io.read_image_stats(vision_path)
         vision = clip.vision_config_from_hf(vc, k, "--vision-path config", mean, std)
         vision_pairs = clip.pairs(vision, "vision_model.", "")
         ignored = set(clip.unused_keys(vc.num_hidden_layers, k, ""))
@@ -116,17 +96,25 @@ def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch:
         ignored = {k for k in vkeys if k.startswith(SIGLIP_UNUSED_PREFIX)}
         drop_cls = False
 
-    mc = ModelConfig(arch=arch, vision=vision, language=language, projector="mlp",
+    mc = ModelConfig(arch=arch, vision=[vision], language=language, projector="mlp",
                      drop_vision_class_token=drop_cls)
-    layer_map = None
-    if arch == "cross_attention":
-        from megatron_vlm.models.cross_attention import (cross_attention_layer_indices,
-                                                         text_layer_indices)
+    for key, value in (model_overrides or {}).items():
+        try:
+            set_key(Config(model=mc), f"model.{key}", value, f"model.{key}")
+        except ConfigError as e:
+            raise ConversionError(str(e)) from None
+    from megatron_vlm.archs import get_arch
 
-        total = cross_attention_num_layers(text_layers, cross_attention_every)
-        language.num_layers = total
-        mc.cross_attention = CrossAttentionConfig(every=cross_attention_every)
-        positions = text_layer_indices(total, cross_attention_layer_indices(total, cross_attention_every, None))
+    try:
+        spec = get_arch(arch)
+    except ValueError as e:
+        raise ConversionError(f"--arch {arch}: {e}") from None
+    layer_map = None
+    if spec.place_text_layers is not None:  # the arch has layers of its own among the text layers
+        try:
+            positions = spec.place_text_layers(mc, text_layers)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
         layer_map = [(i, j) for j, i in enumerate(positions)]
     dtype = dtype or torch.float32
     cfg = build_config(mc, tp, pp, ep, dtype)

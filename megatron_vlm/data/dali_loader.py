@@ -190,7 +190,7 @@ def build_loader(cfg: Config, split: str, tokenizer: Tokenizer, dp_rank: int | N
         raise ValueError(f"model.language.vocab_size={vocab}: smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids")
     return DaliLoader(Path(cfg.data.data_path) / split, SequenceBuilder.from_model_config(tokenizer, cfg.model),
-                      image_spec(cfg.model.vision), cfg.training.micro_batch_size, dp_rank, dp_size,
+                      image_spec(cfg.model.vision_encoder), cfg.training.micro_batch_size, dp_rank, dp_size,
                       seed=cfg.training.seed, shuffle=split == TRAIN_SPLIT, num_threads=cfg.data.num_threads)
 
 

@@ -12,12 +12,12 @@ image itself. The tokenizer treats any other special-token string in the text as
 
 Sequence of length ``s = seq_length`` (right-padded with ``pad_id``):
 
-* joint-decoder archs (joint_decoder, mot, moma, mmca)::
+* ``inline`` layout (:mod:`megatron_vlm.data.layout`; joint_decoder, moma, mot, mmca)::
 
       [bos] [image_token_id] * num_image_tokens  prompt  target  [eos]  [pad] ...
 
   ``modality_ids`` 0 on the ``num_image_tokens`` image positions, 1 elsewhere (padding included).
-* ``cross_attention`` (Mllama style)::
+* ``marker`` layout (cross_attention, Mllama style)::
 
       [bos] [<image>]  prompt  target  [eos]  [pad] ...
 
@@ -46,10 +46,8 @@ import torch
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, VLMBatch
+from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
-
-JOINT_ARCHS = ("joint_decoder", "mot", "moma", "mmca")
-CROSS_ATTENTION_ARCHS = ("cross_attention",)
 
 
 @dataclass(frozen=True)
@@ -77,28 +75,29 @@ class EncodedSample:
 
 
 class SequenceBuilder:
-    """Builds the token layout above for one arch; ``collate`` makes the batch tensors."""
+    """Builds the token layout above; ``collate`` makes the batch tensors."""
 
-    def __init__(self, tokenizer: Tokenizer, arch: str, seq_length: int, num_image_tokens: int,
+    def __init__(self, tokenizer: Tokenizer, layout: TokenLayout, seq_length: int, num_image_tokens: int,
                  image_token_id: int | None = None):
-        self.tok, self.arch, self.seq_length = tokenizer, arch, seq_length
+        if layout not in list(TokenLayout) + [t.value for t in TokenLayout]:
+            raise ValueError(f"layout={layout!r}: no token layout of that name; allowed "
+                             f"{[t.value for t in TokenLayout]}")
+        self.tok, self.layout, self.seq_length = tokenizer, TokenLayout(layout), seq_length
         self.image_token_id = tokenizer.image_token_id if image_token_id is None else image_token_id
-        if arch in JOINT_ARCHS:
-            self.num_image_positions = num_image_tokens
-        elif arch in CROSS_ATTENTION_ARCHS:
-            self.num_image_positions = 1
-        else:
-            raise ValueError(f"arch {arch!r}: no token layout (known: {list(JOINT_ARCHS + CROSS_ATTENTION_ARCHS)})")
+        self.num_image_positions = num_image_tokens if self.layout is TokenLayout.INLINE else 1
         self.prefix = [tokenizer.bos_id] + [self.image_token_id] * self.num_image_positions
         if len(self.prefix) >= seq_length:
             raise ValueError(f"seq_length={seq_length}: bos + {self.num_image_positions} image token(s) "
-                             f"leave no room for text (arch {arch!r}); raise model.language.seq_length "
-                             "or use fewer image tokens")
+                             f"leave no room for text ({self.layout.value} layout); raise "
+                             "model.language.seq_length or use fewer image tokens")
 
     @classmethod
     def from_model_config(cls, tokenizer: Tokenizer, model: ModelConfig) -> "SequenceBuilder":
-        return cls(tokenizer, model.arch, model.language.seq_length, model.num_image_tokens,
-                   model.image_token_id)
+        """The builder of ``model.arch``'s token layout (asked of the arch registry)."""
+        from megatron_vlm.archs import get_arch
+
+        return cls(tokenizer, get_arch(model.arch).token_layout, model.language.seq_length,
+                   model.num_image_tokens, model.image_token_id)
 
     def encode(self, record: dict) -> EncodedSample:
         """Unpadded tokens of one record, truncated to ``seq_length``."""
@@ -116,10 +115,12 @@ class SequenceBuilder:
             raise ValueError(f"{images.shape[0]} images for {b} records")
         tokens = np.full((b, s), self.tok.pad_id, dtype=np.int64)
         trained = np.zeros((b, s), dtype=bool)
+        padding = np.ones((b, s), dtype=bool)
         for i, record in enumerate(records):
             sample = self.encode(record)
             tokens[i, :len(sample.tokens)] = sample.tokens
             trained[i, :len(sample.trained)] = sample.trained
+            padding[i, :len(sample.tokens)] = False
         tokens_t = torch.from_numpy(tokens)
         labels = torch.full_like(tokens_t, self.tok.pad_id)
         labels[:, :-1] = tokens_t[:, 1:]
@@ -127,7 +128,7 @@ class SequenceBuilder:
         loss_mask[:, :-1] = torch.from_numpy(trained[:, 1:]).float()
         modality = torch.full((b, s), TEXT_MODALITY, dtype=torch.int64)
         text_image_mask = None
-        if self.arch in JOINT_ARCHS:
+        if self.layout is TokenLayout.INLINE:
             modality[:, 1:1 + self.num_image_positions] = IMAGE_MODALITY
         else:
             text_image_mask = torch.zeros(b, s, 1, dtype=torch.bool)
@@ -136,4 +137,4 @@ class SequenceBuilder:
                         position_ids=torch.arange(s, dtype=torch.int64).expand(b, s).clone(),
                         modality_ids=modality, images=images.unsqueeze(1),
                         image_mask=torch.ones(b, 1, dtype=torch.bool, device=images.device),
-                        text_image_mask=text_image_mask)
+                        text_image_mask=text_image_mask, padding_mask=torch.from_numpy(padding))

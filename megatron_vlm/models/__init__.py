@@ -1,7 +1,7 @@
-"""Model archs. Importing this package registers every arch in ``ARCHS``."""
+"""Model building blocks shared by the archs: ``VLMModel`` (vision -> projector -> decoder), layer
+specs from a backend provider (``local`` | ``te``), core attention, wrapped HF vision towers.
+The archs themselves live in ``megatron_vlm/archs/``."""
 
-from megatron_vlm.models.vlm import ARCHS, VLMModel, build_model, register_arch
-from megatron_vlm.models import joint_decoder  # noqa: F401  (registers "joint_decoder")
-from megatron_vlm.models import cross_attention  # noqa: F401  (registers "cross_attention")
+from megatron_vlm.models.vlm import VLMModel, build_model
 
-__all__ = ["ARCHS", "VLMModel", "build_model", "register_arch"]
+__all__ = ["VLMModel", "build_model"]

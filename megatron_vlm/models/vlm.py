@@ -1,7 +1,13 @@
 """``VLMModel``: vision encoder -> projector -> language decoder, on megatron-core modules.
 
-Arch subclasses (registered with :func:`register_arch`) decide how image features enter the
-language decoder: ``build_language_model`` and ``language_forward``.
+Arch subclasses (one per arch package, ``megatron_vlm/archs/<name>/``) decide how image features
+enter the language decoder (``language_forward``); their layer specs come from their ``ArchSpec``.
+
+``forward(inputs: ModelInputs)`` is the one model-input contract (``megatron_vlm.data.batch``):
+the schedule's ``forward_step``, eval, generation and ``verify`` all call it. On the way the model
+builds the modality context ``[b, s(/tp), M]`` and hands it to megatron's ``GPTModel`` as its
+per-forward ``padding_mask`` (see ``megatron_vlm.data.batch``): every decoder layer and the MLP/MoE
+slot receive it, sequence-parallel sharded like the hidden states.
 
 Submodules and state-dict prefixes::
 
@@ -16,8 +22,6 @@ Pipeline parallel: the vision encoder and projector live on the first stage (vir
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -29,24 +33,18 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_vlm.config import Config, ModelConfig, ParallelConfig
+from megatron_vlm.archs import ArchSpec, BlockSpecContext, get_arch
+from megatron_vlm.config import Config, ModelConfig, ParallelConfig, VisionConfig
+from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, ModelInputs, modality_context
+from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.models import specs
-
-ARCHS: dict[str, type["VLMModel"]] = {}
-
-
-def register_arch(name: str) -> Callable[[type], type]:
-    def wrap(cls):
-        ARCHS[name] = cls
-        cls.arch_name = name
-        return cls
-
-    return wrap
+from megatron_vlm.models.backends import backend_provider
 
 
 def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None = None,
-                   fp8_recipe: str = "delayed") -> dict:
+                   fp8_recipe: str = "delayed", calculate_per_token_loss: bool = False) -> dict:
     return dict(
+        calculate_per_token_loss=calculate_per_token_loss,
         fp8=fp8,
         fp8_recipe=fp8_recipe,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -58,8 +56,6 @@ def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -71,11 +67,15 @@ def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None
 
 def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
                                 dtype: torch.dtype = torch.float32, fp8: str | None = None,
-                                fp8_recipe: str = "delayed", **overrides) -> TransformerConfig:
-    """Llama-style decoder: RMSNorm, SwiGLU, no biases, RoPE (set on the GPTModel)."""
+                                fp8_recipe: str = "delayed", calculate_per_token_loss: bool = False,
+                                **overrides) -> TransformerConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, no biases, RoPE (set on the GPTModel); ``overrides``
+    are the arch's own fields (``ArchSpec.transformer_config``)."""
     lang = cfg.language
-    kw = _common_config(parallel, dtype, fp8, fp8_recipe)
+    kw = _common_config(parallel, dtype, fp8, fp8_recipe, calculate_per_token_loss)
     kw.update(
+        hidden_dropout=lang.hidden_dropout,
+        attention_dropout=lang.attention_dropout,
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,
         num_attention_heads=lang.num_attention_heads,
@@ -92,13 +92,14 @@ def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
     return TransformerConfig(**kw)
 
 
-def vision_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
+def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
                               dtype: torch.dtype = torch.float32, fp8: str | None = None,
                               fp8_recipe: str = "delayed") -> TransformerConfig:
     """CLIP-style ViT: LayerNorm, quick-GELU MLP with biases. Never pipeline-split (first stage)."""
-    v = cfg.vision
     kw = _common_config(parallel, dtype, fp8, fp8_recipe)
     kw.update(
+        hidden_dropout=v.hidden_dropout,
+        attention_dropout=v.attention_dropout,
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
         num_attention_heads=v.num_attention_heads,
@@ -125,6 +126,8 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         num_attention_heads=cfg.language.num_attention_heads,  # unused; must divide by TP
         ffn_hidden_size=cfg.language.hidden_size,
         activation_func=F.gelu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
         add_bias_linear=True,
         gated_linear_unit=False,
         pipeline_model_parallel_size=1,
@@ -137,71 +140,72 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
 class VLMModel(MegatronModule):
     """Vision encoder -> projector -> language decoder.
 
-    ``forward(tokens, position_ids, images, image_mask, labels=None, ...)`` with tokens ``[b, s]``
-    and images ``[b, n, 3, H, W]`` returns the per-token loss ``[b, s]`` when ``labels`` is given
-    (last stage), logits ``[b, s, vocab/tp]`` without labels, or the hidden states
-    ``[s, b, h]`` on a non-last pipeline stage.
+    ``forward(inputs: ModelInputs, inference_context=None, runtime_gather_output=None)`` with
+    ``inputs.tokens`` ``[b, s]`` and ``inputs.images`` ``[b, n, 3, H, W]`` returns the per-token loss
+    ``[b, s]`` when ``inputs.labels`` is given (last stage), logits ``[b, s, vocab/tp]`` without
+    labels, or the hidden states ``[s(/tp), b, h]`` on a non-last pipeline stage.
     """
 
-    arch_name = "base"
+    arch: ArchSpec
 
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
-                 post_process: bool = True, vp_stage: int | None = None,
-                 dtype: torch.dtype = torch.float32, image_token_id: int | None = None,
-                 fp8: str | None = None, fp8_recipe: str = "delayed"):
-        self.backend = specs.resolve_backend(cfg.backend)
-        if fp8 and self.backend != "te":
-            raise ValueError(f"fp8_format={fp8!r} needs the 'te' backend (Transformer Engine on a GPU)")
-        self.language_config = language_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
+    def __init__(self, cfg: Config, *, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None, dtype: torch.dtype = torch.float32,
+                 image_token_id: int | None = None):
+        mc, parallel, t = cfg.model, cfg.parallel, cfg.training
+        self.arch = get_arch(mc.arch)
+        self.backend_provider = backend_provider(mc.backend)
+        self.backend = self.backend_provider.name
+        self.language_config = language_transformer_config(
+            mc, parallel, dtype, t.fp8_format, t.fp8_recipe, t.calculate_per_token_loss,
+            **self.arch.transformer_config(mc))
         super().__init__(config=self.language_config)
-        self.cfg = cfg
+        self.cfg = mc
         self.parallel = parallel
+        self.images_per_sample = cfg.data.images_per_sample
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
         self.model_type = ModelType.encoder_or_decoder
         self.image_token_id = (image_token_id if image_token_id is not None
-                               else cfg.image_token_id if cfg.image_token_id is not None
-                               else cfg.language.vocab_size - 1)
+                               else mc.image_token_id if mc.image_token_id is not None
+                               else mc.language.vocab_size - 1)
         self.add_encoder = pre_process and (vp_stage is None or vp_stage == 0)
 
         self.vision_model = None
         self.vision_projection = None
         if self.add_encoder:
-            v = cfg.vision
+            v = mc.vision_encoder
             if v.hf_config is not None:  # a transformers vision tower, used as is (e.g. Mllama's)
                 from megatron_vlm.models.hf_vision import build_hf_vision_encoder
 
                 self.vision_model = build_hf_vision_encoder(v.hf_config, dtype)
             else:
-                vision_config = vision_transformer_config(cfg, parallel, dtype, fp8, fp8_recipe)
-                norm = specs.norm_module(self.backend)
+                norm = self.backend_provider.layer_norm()
                 self.vision_model = CLIPViTModel(
-                    vision_config, specs.vision_layer_spec(self.backend), ln_pre_impl=norm,
+                    vision_transformer_config(v, parallel, dtype, t.fp8_format, t.fp8_recipe),
+                    specs.vision_layer_spec(self.backend_provider), ln_pre_impl=norm,
                     ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
                     patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
             self.vision_projection = MultimodalProjector(
-                projector_transformer_config(cfg, parallel, dtype),
-                specs.projector_submodules(self.backend), cfg.projector,
+                projector_transformer_config(mc, parallel, dtype),
+                specs.projector_submodules(self.backend_provider), mc.projector,
                 getattr(self.vision_model, "output_size", v.hidden_size))
-            if cfg.projector == "affine" and hasattr(self.vision_projection.encoder, "skip_bias_add"):
+            if mc.projector == "affine" and hasattr(self.vision_projection.encoder, "skip_bias_add"):
                 # megatron's affine projector gathers the TP output but then adds the rank's bias
                 # shard (shape error at TP > 1): add the bias before the gather instead
                 self.vision_projection.encoder.skip_bias_add = False
         self.language_model = self.build_language_model()
-        self.freeze(vision=cfg.freeze_vision, projector=cfg.freeze_projector,
-                    language=cfg.freeze_language)
+        self.freeze(vision=mc.freeze_vision, projector=mc.freeze_projector,
+                    language=mc.freeze_language)
 
-    # ---- arch hooks ---------------------------------------------------------------------------
+    # ---- construction -------------------------------------------------------------------------
     def build_language_model(self) -> MegatronModule:
-        return self.gpt_model(specs.block_spec(self.language_config, specs.language_layer_spec(self.backend),
-                                               self.backend, self.vp_stage))
-
-    def gpt_model(self, block_spec) -> GPTModel:
-        """megatron-core's GPTModel of the language config with this stage's layer ``block_spec``."""
+        """megatron-core's GPTModel with this stage's layers from the arch's ``block_spec``."""
+        block = self.arch.build_block_spec(BlockSpecContext(self.cfg, self.language_config,
+                                                            self.backend_provider, self.vp_stage))
         return GPTModel(
             config=self.language_config,
-            transformer_layer_spec=block_spec,
+            transformer_layer_spec=block,
             vocab_size=self.cfg.language.vocab_size,
             max_sequence_length=self.cfg.language.seq_length,
             pre_process=self.pre_process,
@@ -214,8 +218,16 @@ class VLMModel(MegatronModule):
             vp_stage=self.vp_stage,
         )
 
-    def language_forward(self, tokens, position_ids, image_embeddings, image_mask, labels,
-                         text_image_mask, **kwargs):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        metadata = dict(metadata or {}, **self.arch.checkpoint_metadata())
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    # ---- arch hook ----------------------------------------------------------------------------
+    def language_forward(self, inputs: ModelInputs, decoder_input, image_embeddings, context,
+                         inference_context=None, runtime_gather_output=None):
+        """The arch's decoder pass. ``decoder_input``: the token embeddings ``[s(/tp), b, h]``
+        (first stage; None elsewhere); ``image_embeddings`` ``[b, n, k, h]`` or None; ``context``:
+        the modality context for ``GPTModel(..., padding_mask=context)``."""
         raise NotImplementedError
 
     # ---- shared pieces ------------------------------------------------------------------------
@@ -248,20 +260,41 @@ class VLMModel(MegatronModule):
         b, n = images.shape[:2]
         images = images.to(next(self.vision_model.parameters()).dtype)
         feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
-        if self.cfg.vision.add_class_token and self.cfg.drop_vision_class_token:
+        if self.cfg.vision_encoder.add_class_token and self.cfg.drop_vision_class_token:
             feats = feats[:, 1:]
         feats = self.vision_projection(feats.transpose(0, 1).contiguous())  # [k, b*n, h_lm]
         return feats.transpose(0, 1).reshape(b, n, -1, feats.shape[-1])
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                images: torch.Tensor | None = None, image_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, text_image_mask: torch.Tensor | None = None,
-                **kwargs):
+    def modality_ids(self, inputs: ModelInputs) -> torch.Tensor:
+        """``inputs.modality_ids``, or the arch's token layout's: image tokens are modality 0
+        in the inline layout, every position is text in the marker layout."""
+        if inputs.modality_ids is not None:
+            return inputs.modality_ids
+        if self.arch.token_layout is TokenLayout.INLINE:
+            return torch.where(inputs.tokens == self.image_token_id, IMAGE_MODALITY, TEXT_MODALITY)
+        return torch.full_like(inputs.tokens, TEXT_MODALITY)
+
+    def modality_context(self, inputs: ModelInputs) -> torch.Tensor:
+        """bool ``[b, s(/tp), M]`` (see ``megatron_vlm.data.batch``): this rank's slice of the
+        sequence under sequence parallelism, like the hidden states it travels with."""
+        ctx = modality_context(self.modality_ids(inputs), inputs.padding_mask)
+        if self.language_config.sequence_parallel:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            s_local = ctx.shape[1] // tp
+            ctx = ctx[:, rank * s_local:(rank + 1) * s_local]
+        return ctx.contiguous()
+
+    def forward(self, inputs: ModelInputs, inference_context=None, runtime_gather_output=None):
         image_embeddings = None
-        if self.add_encoder and images is not None:
-            image_embeddings = self.encode_images(images)
-        out = self.language_forward(tokens, position_ids, image_embeddings, image_mask, labels,
-                                    text_image_mask, **kwargs)
+        if self.add_encoder and inputs.images is not None:
+            image_embeddings = self.encode_images(inputs.images)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=inputs.tokens,
+                                                          position_ids=inputs.position_ids)
+        out = self.language_forward(inputs, decoder_input, image_embeddings, self.modality_context(inputs),
+                                    inference_context, runtime_gather_output)
         if not self.post_process:  # hidden states go to the next stage: p2p needs contiguous memory
             out = out.contiguous()
         return out
@@ -271,18 +304,11 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
                 vp_stage: int | None = None, dtype: torch.dtype | None = None,
                 image_token_id: int | None = None) -> VLMModel:
     """The arch's model for this pipeline stage (stage flags default to megatron's parallel_state)."""
-    import megatron_vlm.models  # noqa: F401  (registers the archs)
-
-    name = cfg.model.arch
-    if name not in ARCHS:
-        raise ValueError(f"model.arch={name!r}: implemented archs are {sorted(ARCHS)}")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     if dtype is None:
         dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
-    return ARCHS[name](cfg.model, cfg.parallel, pre_process=pre_process, post_process=post_process,
-                       vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id,
-                       fp8=cfg.training.fp8_format, fp8_recipe=cfg.training.fp8_recipe)
-
+    return get_arch(cfg.model.arch).model_cls()(cfg, pre_process=pre_process, post_process=post_process,
+                                                vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id)

@@ -49,7 +49,7 @@ def _dp_slice(micro_batches: list[VLMBatch]) -> list[VLMBatch]:
 
 def _step_and_save_grads(cfg, chunks, micro_batches, grads_dir, seq_length) -> float:
     losses = forward_backward(chunks, _dp_slice(micro_batches), seq_length)
-    loss = reduce_losses(losses)
+    loss = reduce_losses(losses, cfg.training.calculate_per_token_loss)
     with torch.no_grad():
         for chunk in chunks:
             for p in chunk.module.parameters():
@@ -57,7 +57,7 @@ def _step_and_save_grads(cfg, chunks, micro_batches, grads_dir, seq_length) -> f
                     p.data.copy_(p.main_grad)
                 else:
                     p.data.zero_()
-    checkpointing.save_checkpoint(grads_dir, 0, chunks, non_homogeneous_layers=True)
+    checkpointing.save_checkpoint(grads_dir, 0, chunks)
     return loss
 
 
@@ -72,7 +72,7 @@ def reference_step(cfg: Config, micro_batches: list[VLMBatch], weights_dir: str,
     chunks = _setup(ref)
     if init_fn is not None:
         init_fn(unwrap(chunks[0]))
-    checkpointing.save_checkpoint(weights_dir, 0, chunks, non_homogeneous_layers=True)
+    checkpointing.save_checkpoint(weights_dir, 0, chunks)
     return _step_and_save_grads(ref, chunks, micro_batches, grads_dir,
                                 seq_length or cfg.model.language.seq_length)
 

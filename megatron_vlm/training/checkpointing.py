@@ -89,8 +89,9 @@ def _rng_sharded_object(state: dict | None) -> ShardedObject:
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer=None,
                     opt_param_scheduler=None, config=None, extra: dict | None = None,
-                    non_homogeneous_layers: bool = False, keep_last: int | None = None) -> Path:
-    """Write ``iter_{iteration}`` atomically and point ``latest`` at it. Collective over all ranks."""
+                    keep_last: int | None = None) -> Path:
+    """Write ``iter_{iteration}`` atomically and point ``latest`` at it. Collective over all ranks.
+    (The arch's layer metadata, e.g. ``non_homogeneous_layers``, comes from the model itself.)"""
     save_dir = Path(save_dir)
     final, tmp = iteration_dir(save_dir, iteration), save_dir / f".tmp_iter_{iteration:07d}"
     if _rank0():
@@ -99,7 +100,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
-    metadata = dict(OPTIM_METADATA, non_homogeneous_layers=non_homogeneous_layers)
+    metadata = dict(OPTIM_METADATA, **unwrap(model_chunks[0]).arch.checkpoint_metadata())
     sharded = _model_sharded_state_dict(model_chunks, metadata)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)

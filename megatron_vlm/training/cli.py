@@ -56,18 +56,8 @@ def prepare(argv=None) -> tuple[Config, object]:
         cfg.model.language.vocab_size = max(cfg.model.language.vocab_size, needed)
     if cfg.model.image_token_id is None and spec.image_token_id is not None:
         cfg.model.image_token_id = spec.image_token_id
-    validate(cfg, world_size=launch.world_size)
-    from megatron_vlm.models import ARCHS
-
-    if cfg.model.arch not in ARCHS:  # a planned arch that has no implementation yet
-        raise ConfigError(f"model.arch={cfg.model.arch!r}: not implemented yet; implemented archs: {sorted(ARCHS)}")
+    validate(cfg, world_size=launch.world_size, machine=True)  # core, arch, backend/FP8 rules
     check_load(cfg, launch.rank)
-    from megatron_vlm.models.specs import resolve_backend
-
-    backend = resolve_backend(cfg.model.backend)  # 'te' without TE/CUDA: one-line error here
-    if cfg.training.fp8_format and backend != "te":
-        raise ConfigError(f"--fp8-format {cfg.training.fp8_format}: needs Transformer Engine on a CUDA "
-                          f"device (backend resolved to {backend!r})")
     return cfg, spec
 
 

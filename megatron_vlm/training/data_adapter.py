@@ -110,7 +110,9 @@ class TrainingData:
         return start + (i * self.dp_size + self.dp_rank) * mbs
 
     def _mock(self, first_sample: int, mbs: int) -> VLMBatch:
-        from megatron_vlm.testing.batches import random_batch
+        from megatron_vlm.archs import get_arch
+        from megatron_vlm.data.mock import random_batch
 
         return random_batch(self.cfg.model, mbs, seed=self.cfg.training.seed * 7919 + first_sample,
-                            image_token_id=self.image_token_id)
+                            image_token_id=self.image_token_id, images_per_sample=self.cfg.data.images_per_sample,
+                            layout=get_arch(self.cfg.model.arch).token_layout)

@@ -38,7 +38,7 @@ def _cross_attention_layer(tokens: int, image_tokens: int, kv_per_sample: int, h
 
 def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers: int = 0) -> float:
     """Training FLOPs of one iteration over ``global_batch_size`` samples."""
-    m, lang, v = cfg.model, cfg.model.language, cfg.model.vision
+    m, lang, v = cfg.model, cfg.model.language, cfg.model.vision_encoder
     b, s = global_batch_size, lang.seq_length
     n_img = cfg.data.images_per_sample
     tokens = b * s

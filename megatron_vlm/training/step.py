@@ -1,5 +1,11 @@
 """One training/eval step on megatron-core: model chunks (per virtual pipeline stage) wrapped in
 megatron ``DistributedDataParallel``, ``DistributedOptimizer``, and megatron's pipeline schedules.
+
+Loss: the loss function returns megatron's 3-tuple ``(sum of token losses, loss tokens, log)``.
+With ``training.calculate_per_token_loss`` (default) megatron's schedule and
+``finalize_model_grads`` divide by the loss tokens of the whole global batch (all micro batches,
+all data-parallel ranks): the loss is the mean over every loss token. Without it, each micro
+batch's mean is averaged (megatron's per-micro-batch behaviour).
 """
 
 from __future__ import annotations
@@ -32,9 +38,6 @@ def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp:
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
-    for c in chunks:  # archs that pack image tokens on the pipeline wire size it per sample
-        if hasattr(c, "set_images_per_sample"):
-            c.set_images_per_sample(cfg.data.images_per_sample)
     if torch.cuda.is_available():  # torch norms, the ViT conv and gates are created on the host
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     if cfg.training.bf16:  # megatron's wrapper: casts the module to bf16, first-stage inputs too
@@ -42,6 +45,7 @@ def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp:
     if not wrap_ddp:
         return chunks
     ddp_config = DistributedDataParallelConfig(
+        average_in_collective=False,
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=cfg.training.use_distributed_optimizer,
@@ -72,11 +76,13 @@ def build_optimizer(cfg: Config, model_chunks: list):
 
 
 def masked_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Mean of the per-token loss ``[b, s]`` over ``loss_mask``; returns (loss, log dict)."""
+    """Megatron's loss contract: ``(sum of the per-token loss [b, s] over loss_mask, number of loss
+    tokens, {"lm loss": [sum, tokens]})``; the schedule turns it into a per-token or
+    per-micro-batch mean (``calculate_per_token_loss``)."""
     mask = loss_mask.float().reshape(-1)
     total = (output.float().reshape(-1) * mask).sum()
-    loss = total / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach().clone()}
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum()])}
 
 
 def next_batch(data_iterator: Iterator[VLMBatch]) -> VLMBatch:
@@ -87,9 +93,7 @@ def next_batch(data_iterator: Iterator[VLMBatch]) -> VLMBatch:
 def forward_step(data_iterator: Iterator[VLMBatch], model):
     """Megatron schedule hook: one micro batch through ``model`` -> (output, loss_func)."""
     batch = next_batch(data_iterator)
-    output = model(batch.tokens, batch.position_ids, images=batch.images, image_mask=batch.image_mask,
-                   labels=batch.labels, text_image_mask=batch.text_image_mask)
-    return output, partial(masked_loss, batch.loss_mask)
+    return model(batch.model_inputs()), partial(masked_loss, batch.loss_mask)
 
 
 def forward_backward(model_chunks: list, micro_batches: list[VLMBatch], seq_length: int,
@@ -119,17 +123,20 @@ def forward_backward(model_chunks: list, micro_batches: list[VLMBatch], seq_leng
     )
 
 
-def reduce_losses(loss_dicts: list[dict]) -> float | None:
-    """Mean loss over micro batches, broadcast from the last pipeline stage to every rank."""
-    value = torch.zeros(1, device=torch.cuda.current_device())
+def reduce_losses(loss_dicts: list[dict], per_token: bool = True) -> float | None:
+    """The iteration's loss on every rank: sum of token losses / loss tokens over all micro batches
+    and data-parallel ranks (``per_token``), else the mean of the micro batches' means."""
+    value = torch.zeros(2, device=torch.cuda.current_device())
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and loss_dicts:
-        value[0] = torch.stack([d["lm loss"] for d in loss_dicts]).mean()
+        sums = torch.stack([d["lm loss"] for d in loss_dicts]).to(value)  # [micro batches, (sum, tokens)]
+        value.copy_(sums.sum(0) if per_token else
+                    torch.stack([(sums[:, 0] / sums[:, 1].clamp(min=1)).mean(), torch.ones((), device=value.device)]))
     group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     torch.distributed.broadcast(value, src=last, group=group)
-    # average over data-parallel replicas (each saw different samples)
+    # over data-parallel replicas (each saw different samples)
     torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-    return value.item() / parallel_state.get_data_parallel_world_size()
+    return (value[0] / value[1].clamp(min=1)).item()
 
 
 def zero_grads(model_chunks: list, optimizer=None) -> None:

@@ -21,7 +21,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_vlm import runtime
-from megatron_vlm.config import Config, ConfigError, validate
+from megatron_vlm.archs import get_arch
+from megatron_vlm.config import Config
 from megatron_vlm.training import checkpointing, flops
 from megatron_vlm.training.step import (build_model_chunks, build_optimizer, forward_backward,
                                         next_batch, reduce_losses, unwrap, zero_grads)
@@ -48,26 +49,25 @@ def _eval_loss_func(batch, output):
     full = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     hit = (full.argmax(-1) == batch.labels) | (mask == 0)
     correct = hit.all(dim=1).float().sum()
-    total = (loss * mask).sum() / mask.sum().clamp(min=1)
-    return total, {"lm loss": total.detach().clone(), "correct": correct,
-                   "samples": torch.tensor(float(batch.tokens.shape[0]), device=logits.device)}
+    total = (loss * mask).sum()
+    return total, mask.sum().to(torch.int), {
+        "lm loss": total.detach().clone(), "tokens": mask.sum(), "correct": correct,
+        "samples": torch.tensor(float(batch.tokens.shape[0]), device=logits.device)}
 
 
 def _eval_forward_step(data_iterator, model):
     batch = next_batch(data_iterator)
-    output = model(batch.tokens, batch.position_ids, images=batch.images, image_mask=batch.image_mask,
-                   labels=None, text_image_mask=batch.text_image_mask)
-    return output, partial(_eval_loss_func, batch)
+    return model(batch.model_inputs(with_labels=False)), partial(_eval_loss_func, batch)
 
 
 def evaluate(model_chunks, batches, seq_length: int) -> dict:
-    """Mean loss and accuracy over ``batches`` (each a list of micro batches), on every rank."""
+    """Loss per loss token and accuracy over ``batches`` (each a list of micro batches), on every
+    rank."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for c in model_chunks:
         c.eval()
-    sums = torch.zeros(3)  # loss sum, correct, samples
-    n = 0
+    sums = torch.zeros(4)  # loss sum, loss tokens, correct, samples
     with torch.no_grad():
         for micro_batches in batches:
             out = get_forward_backward_func()(
@@ -76,18 +76,16 @@ def evaluate(model_chunks, batches, seq_length: int) -> dict:
                 micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=True)
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
                 for d in out:
-                    sums += torch.stack([d["lm loss"], d["correct"], d["samples"]]).float().cpu()
-            n += len(micro_batches)
+                    sums += torch.stack([d["lm loss"], d["tokens"], d["correct"], d["samples"]]).float().cpu()
     for c in model_chunks:
         c.train()
     sums = sums.to(torch.cuda.current_device())
     torch.distributed.broadcast(sums, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-    dp = parallel_state.get_data_parallel_world_size()
     sums = sums.cpu()
-    return {"eval_loss": sums[0].item() / max(n * dp, 1),
-            "eval_accuracy": sums[1].item() / max(sums[2].item(), 1)}
+    return {"eval_loss": sums[0].item() / max(sums[1].item(), 1),
+            "eval_accuracy": sums[2].item() / max(sums[3].item(), 1)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,19 +163,13 @@ class TrainResult:
     stopped_by_signal: bool
 
 
-def pipeline_seq_length(cfg: Config, model) -> int:
-    """Length of the tensors pipeline stages exchange (archs that pack extra tokens override)."""
-    fn = getattr(unwrap(model), "pipeline_seq_length", None)
-    return fn() if callable(fn) else cfg.model.language.seq_length
-
-
 def train(cfg: Config, data) -> TrainResult:
     """Train with ``data`` (a :class:`megatron_vlm.training.data_adapter.TrainingData`)."""
     t = cfg.training
     ctx = runtime.context()
+    arch = get_arch(cfg.model.arch)
     model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id)
     optimizer, scheduler = build_optimizer(cfg, model_chunks)
-    non_homogeneous = cfg.model.arch != "joint_decoder"
     start_iter = 0
     if t.load:
         state = checkpointing.load_checkpoint(t.load, model_chunks, optimizer, scheduler,
@@ -186,11 +178,10 @@ def train(cfg: Config, data) -> TrainResult:
         data.load_state_dict(state["extra"].get("data", {}))
         _print0(f"loaded checkpoint {t.load} at iteration {start_iter}")
 
-    seq_length = pipeline_seq_length(cfg, model_chunks[0])
+    seq_length = arch.pipeline_seq_length(cfg)
     dp = parallel_state.get_data_parallel_world_size()
     num_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    ca_layers = len(getattr(unwrap(model_chunks[0]), "cross_attention_layer_indices", ()) or ())
-    iter_flops = flops.iteration_flops(cfg, t.global_batch_size, ca_layers)
+    iter_flops = arch.flops(cfg, t.global_batch_size)
     peak, peak_source = flops.peak_tflops(cfg)
     _print0(f"model: arch={cfg.model.arch} backend={unwrap(model_chunks[0]).backend} "
             f"world={ctx.world_size} tp={cfg.parallel.tensor_model_parallel_size} "
@@ -205,7 +196,7 @@ def train(cfg: Config, data) -> TrainResult:
     def save(iteration):
         checkpointing.save_checkpoint(t.save, iteration, model_chunks, optimizer, scheduler, cfg,
                                       extra={"data": data.state_dict(), "skipped_steps": skipped_total},
-                                      non_homogeneous_layers=non_homogeneous, keep_last=t.keep_last)
+                                      keep_last=t.keep_last)
         _print0(f"saved checkpoint {t.save}/iter_{iteration:07d}")
 
     iteration = start_iter
@@ -215,7 +206,7 @@ def train(cfg: Config, data) -> TrainResult:
             micro_batches = data.next_train(num_mb)
             zero_grads(model_chunks, optimizer)
             losses = forward_backward(model_chunks, micro_batches, seq_length)
-            loss = reduce_losses(losses)
+            loss = reduce_losses(losses, t.calculate_per_token_loss)
             iteration += 1
             if not math.isfinite(loss):
                 bad_in_a_row += 1

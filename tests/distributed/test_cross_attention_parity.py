@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from megatron_vlm.archs import get_arch
 from megatron_vlm.config import Config
 from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, VLMBatch
 from megatron_vlm.testing import parity
@@ -31,7 +32,7 @@ def small_config() -> Config:
     cfg = Config()
     cfg.model.arch = "cross_attention"
     cfg.model.backend = "local"
-    lang, v = cfg.model.language, cfg.model.vision
+    lang, v = cfg.model.language, cfg.model.vision_encoder
     lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = 4, 64, 4, 2
     lang.ffn_hidden_size, lang.vocab_size, lang.seq_length = 96, 128, 16
     v.num_layers, v.hidden_size, v.num_attention_heads, v.ffn_hidden_size = 1, 32, 4, 64
@@ -42,7 +43,7 @@ def small_config() -> Config:
 
 def micro_batches(cfg: Config, seed: int = 7) -> list[VLMBatch]:
     g = torch.Generator().manual_seed(seed)
-    lang, v = cfg.model.language, cfg.model.vision
+    lang, v = cfg.model.language, cfg.model.vision_encoder
     b, s, n = 2, lang.seq_length, IMAGES_PER_SAMPLE
     out = []
     for i in range(NUM_MICRO_BATCHES):
@@ -85,11 +86,6 @@ def with_parallel(cfg: Config, tp=1, pp=1, sp=False, vpp=None) -> Config:
     return cfg
 
 
-def pipeline_seq_length(cfg: Config) -> int:
-    s = cfg.model.language.seq_length
-    return s + cfg.data.images_per_sample * cfg.model.num_image_tokens if cfg.parallel.pipeline_model_parallel_size > 1 else s
-
-
 LAYOUTS = {  # name: (world size, tp, pp, sp, vpp)
     "tp2": (2, 2, 1, False, None),
     "pp2": (2, 1, 2, False, None),
@@ -114,7 +110,7 @@ def runs(tmp_path_factory):
     for name, (world, tp, pp, sp, vpp) in LAYOUTS.items():
         pcfg = with_parallel(cfg, tp, pp, sp, vpp)
         losses[name] = run_distributed(parity.parallel_step, world, pcfg, mbs, str(root / "weights"),
-                                       str(root / f"grads_{name}"), seq_length=pipeline_seq_length(pcfg))
+                                       str(root / f"grads_{name}"), seq_length=get_arch(pcfg.model.arch).pipeline_seq_length(pcfg))
     (compared,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref_grads"),
                                   [str(root / "weights")] + [str(root / f"grads_{n}") for n in LAYOUTS])
     control, results = compared[0], dict(zip(LAYOUTS, compared[1:]))

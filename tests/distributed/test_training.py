@@ -148,20 +148,25 @@ def test_kill_during_checkpoint_keeps_previous_latest(tmp_path):
 
 
 def test_tp2_and_pp2_losses_match_tp1(tmp_path):
-    """Same starting weights (a TP=1 checkpoint), same data: the next iterations' losses agree."""
+    """Same starting weights (a TP=1 checkpoint), same data: the next iterations' losses agree with
+    dropout 0.0; --hidden-dropout 0.1 at the same seed changes them."""
     start = tmp_path / "start"
     run_distributed(_cli, 1, TINY + ["--train-iters", "1", "--save", str(start)])
-    common = TINY + ["--train-iters", "4", "--load", str(start)]
-    runs = {"tp1": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
-            "pp2": (2, ["--pipeline-model-parallel-size", "2"])}
+    common = TINY + ["--train-iters", "4", "--load", str(start), "--attention-dropout", "0.0"]
+    no_dropout = ["--hidden-dropout", "0.0"]
+    runs = {"tp1": (1, no_dropout), "tp2": (2, no_dropout + ["--tensor-model-parallel-size", "2"]),
+            "pp2": (2, no_dropout + ["--pipeline-model-parallel-size", "2"]),
+            "tp1_dropout": (1, ["--hidden-dropout", "0.1"])}
     losses = {}
     for name, (world, extra) in runs.items():
         run_distributed(_cli, world, common + extra + ["--log-dir", str(tmp_path / name)])
         losses[name] = _losses(tmp_path / name)
-    assert sorted(losses["tp1"]) == [2, 3, 4]
+    assert sorted(losses["tp1"]) == sorted(losses["tp1_dropout"]) == [2, 3, 4]
     for name in ("tp2", "pp2"):
         for it, ref in losses["tp1"].items():
             assert abs(losses[name][it] - ref) <= 1e-5 * abs(ref), (name, it, losses[name][it], ref)
+    for it, ref in losses["tp1"].items():
+        assert abs(losses["tp1_dropout"][it] - ref) > 1e-4 * abs(ref), (it, losses["tp1_dropout"][it], ref)
 
 
 def _nan_run(argv, nan_iterations):
@@ -170,9 +175,9 @@ def _nan_run(argv, nan_iterations):
     real = trainer.reduce_losses
     state = {"it": 0}
 
-    def maybe_nan(losses):
+    def maybe_nan(*args):
         state["it"] += 1
-        return float("nan") if state["it"] in nan_iterations else real(losses)
+        return float("nan") if state["it"] in nan_iterations else real(*args)
 
     trainer.reduce_losses = maybe_nan
     return _cli(argv)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from megatron_vlm import runtime
-from megatron_vlm.conversion.mllama_text import hf_text_to_megatron
-from megatron_vlm.models.specs import te_available
+from megatron_vlm.archs.cross_attention.hf_mllama_text import hf_text_to_megatron
+from megatron_vlm.models.backends import te_available
 from tests.unit.test_cross_attention import (
-    HF_VOCAB, PARITY_TOL, _set_hf_gates, ca_config, hf_forward, hf_model, image_batch, inputs,
+    HF_VOCAB, PARITY_TOL, _set_hf_gates, ca_config, fwd, hf_forward, hf_model, image_batch, inputs,
     set_gates, text_only_twin)
 from tests.unit.test_cross_attention import build as build_cpu_default
 
@@ -48,7 +48,7 @@ def test_hf_parity_cuda(gates):
     tokens, pos, feats, tim, image_mask = cuda(*inputs(cfg))
     ref = hf_forward(hf, tokens, feats, tim, image_mask, cfg.model.num_image_tokens)
     with torch.no_grad():
-        ours = model(tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
+        ours = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
     diff = (ours[..., :HF_VOCAB] - ref).abs().max().item()
     print(f"CUDA HF parity ({gates}): max abs diff {diff:.3e}")
     assert diff <= PARITY_TOL
@@ -66,10 +66,10 @@ def test_identity_at_init_and_training_step(backend):
     model.load_text_decoder(text.state_dict())
     tokens, pos, images, tim, image_mask, labels = cuda(*image_batch(cfg))
     with torch.no_grad():
-        assert torch.equal(model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim),
-                           text(tokens, pos))
+        assert torch.equal(fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim),
+                           fwd(text, tokens, pos))
     model.train()
-    loss = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean()
+    loss = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean()
     loss.backward()
     for layer in model.cross_attention_layers():
         assert layer.cross_attn_attn_gate.grad.abs().item() > 0
@@ -89,19 +89,19 @@ def test_bf16_step_and_decode_cache():
     set_gates(inner)
     model = Float16Module(inner.config, inner).cuda()
     tokens, pos, images, tim, image_mask, labels = cuda(*image_batch(cfg))
-    loss = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean()
+    loss = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean()
     loss.backward()
     assert torch.isfinite(loss)
     assert all(l.cross_attn_attn_gate.grad.abs().item() > 0 for l in inner.cross_attention_layers())
     model.eval()
     s = tokens.shape[1]
     with torch.no_grad():
-        full = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
+        full = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
         ctx = StaticInferenceContext(max_batch_size=2, max_sequence_length=s)
-        model(tokens[:, :s - 1], pos[:, :s - 1], images=images, image_mask=image_mask,
+        fwd(model, tokens[:, :s - 1], pos[:, :s - 1], images=images, image_mask=image_mask,
               text_image_mask=tim[:, :s - 1], inference_context=ctx)
         ctx.sequence_len_offset = s - 1
-        step = model(tokens[:, s - 1:], pos[:, s - 1:], image_mask=image_mask, text_image_mask=tim[:, s - 1:],
+        step = fwd(model, tokens[:, s - 1:], pos[:, s - 1:], image_mask=image_mask, text_image_mask=tim[:, s - 1:],
                      inference_context=ctx)
     diff = (step[:, -1].float() - full[:, -1].float()).abs().max().item()
     print(f"bf16 decode-with-cache vs full forward: max abs diff {diff:.3e}")

@@ -8,7 +8,14 @@ import copy
 import pytest
 
 from megatron_vlm import config as C
+from megatron_vlm.archs import ArchSpec, get_arch, register_arch
 from megatron_vlm.config import Config, ConfigError, validate
+
+# an arch with experts, registered from this file (the registry's extension point)
+register_arch(ArchSpec(name="toy_experts", summary="joint decoder that declares experts", experts=True,
+                       model_class=get_arch("joint_decoder").model_class,
+                       block_spec=get_arch("joint_decoder").block_spec,
+                       token_layout=get_arch("joint_decoder").token_layout))
 
 
 def base() -> Config:
@@ -22,11 +29,7 @@ def _set(**changes):
     """Returns a mutation that sets dotted paths, e.g. _set(**{"parallel.sequence_parallel": True})."""
     def mutate(cfg):
         for path, value in changes.items():
-            *parents, last = path.split(".")
-            obj = cfg
-            for p in parents:
-                obj = getattr(obj, p)
-            setattr(obj, last, value)
+            C.set_key(cfg, path, value)
         return cfg
     return mutate
 
@@ -77,8 +80,8 @@ BAD = {
     "sequence_parallel_without_tp": (_set(**{"parallel.sequence_parallel": True}), None,
                                      "parallel.sequence_parallel=True: needs tensor_model_parallel_size > 1"),
     "ep_without_experts": (_set(**{"parallel.expert_model_parallel_size": 2}), None,
-                           "parallel.expert_model_parallel_size=2: only the 'moma' arch has experts (arch='joint_decoder')"),
-    "ep_vs_world": (_set(**{"model.arch": "moma", "parallel.expert_model_parallel_size": 4}), 2,
+                           "parallel.expert_model_parallel_size=2: only archs with experts take it (arch='joint_decoder' has none)"),
+    "ep_vs_world": (_set(**{"model.arch": "toy_experts", "parallel.expert_model_parallel_size": 4}), 2,
                     "parallel.expert_model_parallel_size=4: must divide world size / pipeline size = 2"),
     "image_token_id_range": (_set(**{"model.image_token_id": 512}), None,
                              "model.image_token_id=512: must be in [0, vocab_size=512)"),
@@ -165,7 +168,7 @@ def test_yaml_load(yaml_file):
     lang = cfg.model.language
     assert (lang.num_layers, lang.hidden_size, lang.num_query_groups) == (6, 128, 2)
     assert lang.num_attention_heads == C.LanguageConfig().num_attention_heads  # default kept
-    assert cfg.model.vision.image_size == 48 and cfg.model.vision.image_mean == (0.5, 0.5, 0.5)
+    assert cfg.model.vision_encoder.image_size == 48 and cfg.model.vision_encoder.image_mean == (0.5, 0.5, 0.5)
     assert cfg.model.freeze_vision is True and cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.training.lr == 1e-4 and isinstance(cfg.training.lr, float)
     assert cfg.training.min_lr == 0.0 and isinstance(cfg.training.min_lr, float)
@@ -203,7 +206,7 @@ def test_flag_types_and_mapping():
     assert (p.pipeline_model_parallel_size, p.tensor_model_parallel_size, p.sequence_parallel) == (2, 2, True)
     assert cfg.model.backend == "local" and cfg.model.language.num_query_groups == 2
     assert cfg.training.use_distributed_optimizer is False and cfg.training.bf16 is True
-    assert cfg.training.seed == 7 and cfg.model.vision.num_layers == C.VisionConfig().num_layers
+    assert cfg.training.seed == 7 and cfg.model.vision_encoder.num_layers == C.VisionConfig().num_layers
     validate(cfg, world_size=4)
     defaults = C.parse([])
     assert defaults.to_dict() == Config().to_dict()
@@ -213,7 +216,7 @@ def test_set_parses_values_as_yaml():
     cfg = C.parse(["--set", "model.vision.patch_size=4", "--set", "parallel.sequence_parallel=true",
                    "--set", "model.language.num_query_groups=null", "--set", "training.lr=3e-4",
                    "--set", "model.cross_attention.layers=[1, 3]", "--set", "data.data_path=/x=y"])
-    assert cfg.model.vision.patch_size == 4 and cfg.parallel.sequence_parallel is True
+    assert cfg.model.vision_encoder.patch_size == 4 and cfg.parallel.sequence_parallel is True
     assert cfg.model.language.num_query_groups is None and cfg.training.lr == 3e-4
     assert cfg.model.cross_attention.layers == [1, 3] and cfg.data.data_path == "/x=y"
 

@@ -81,10 +81,12 @@ def _warm_start(llama: str, clip: str, siglip: str, work: str) -> dict:
 
     from megatron_vlm.conversion.convert import import_hf
     from megatron_vlm.conversion.verify import load_megatron
+    from megatron_vlm.data.batch import ModelInputs
 
     work = Path(work)
     import_hf(llama, str(work / "jd"), vision_path=clip)
-    import_hf(llama, str(work / "ca"), vision_path=siglip, arch="cross_attention", cross_attention_every=1)
+    import_hf(llama, str(work / "ca"), vision_path=siglip, arch="cross_attention",
+              model_overrides={"cross_attention.every": 1})
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 300, (1, 10), generator=g)
     pos = torch.arange(10)[None]
@@ -94,15 +96,15 @@ def _warm_start(llama: str, clip: str, siglip: str, work: str) -> dict:
     with torch.no_grad():
         ref = hf_llama(input_ids=tokens).logits
         cfg, jd = load_megatron(str(work / "jd"))
-        out["jd_text"] = (jd(tokens, pos)[..., :300] - ref).abs().max().item()
+        out["jd_text"] = (jd(ModelInputs(tokens, pos))[..., :300] - ref).abs().max().item()
         clip_ref = CLIPVisionModel.from_pretrained(clip).eval()(
             pixel_values=images[:, 0], output_hidden_states=True).hidden_states[-2][:, 1:]
         ours = jd.vision_model(images[:, 0])[:, 1:]
         out["clip_features"] = (ours - clip_ref).abs().max().item()
-        out["jd_layers"] = (cfg.model.vision.num_layers, cfg.model.language.num_layers)
+        out["jd_layers"] = (cfg.model.vision_encoder.num_layers, cfg.model.language.num_layers)
         cfg, ca = load_megatron(str(work / "ca"))
-        out["ca_text"] = (ca(tokens, pos)[..., :300] - ref).abs().max().item()
-        out["ca_images"] = (ca(tokens, pos, images=images)[..., :300] - ref).abs().max().item()
+        out["ca_text"] = (ca(ModelInputs(tokens, pos))[..., :300] - ref).abs().max().item()
+        out["ca_images"] = (ca(ModelInputs(tokens, pos, images=images))[..., :300] - ref).abs().max().item()
         out["ca_layers"] = (cfg.model.language.num_layers, len(ca.cross_attention_layers()))
         siglip_ref = SiglipVisionModel.from_pretrained(siglip).eval()(pixel_values=images[:, 0]).last_hidden_state
         out["siglip_features"] = (ca.vision_model(images[:, 0]) - siglip_ref).abs().max().item()

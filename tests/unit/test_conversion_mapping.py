@@ -121,8 +121,8 @@ def test_atomic_output_dir(tmp_path):
 
 
 def test_hf_key_renames_accept_both_transformers_layouts():
-    from megatron_vlm.conversion.llava import RENAME as LLAVA
-    from megatron_vlm.conversion.mllama import RENAME as MLLAMA
+    from megatron_vlm.archs.cross_attention.hf_mllama import RENAME as MLLAMA
+    from megatron_vlm.archs.joint_decoder.hf_llava import RENAME as LLAVA
 
     assert LLAVA("model.language_model.layers.0.mlp.up_proj.weight") == "language_model.model.layers.0.mlp.up_proj.weight"
     assert LLAVA("lm_head.weight") == "language_model.lm_head.weight"
@@ -135,14 +135,16 @@ def test_hf_key_renames_accept_both_transformers_layouts():
 def test_mllama_text_map_agrees_with_the_arch_reference():
     """mllama_text (the in-memory form used by the model tests) renames the declarative map's keys
     only: same tensors, and its export inverts the map."""
-    from megatron_vlm.config import CrossAttentionConfig, LanguageConfig, ModelConfig
-    from megatron_vlm.conversion.mllama import text_pairs
-    from megatron_vlm.conversion.mllama_text import hf_text_to_megatron, megatron_to_hf_text
+    from megatron_vlm.archs.cross_attention.config import CrossAttentionConfig
+    from megatron_vlm.archs.cross_attention.hf_mllama import text_pairs
+    from megatron_vlm.archs.cross_attention.hf_mllama_text import hf_text_to_megatron, megatron_to_hf_text
+    from megatron_vlm.config import LanguageConfig, ModelConfig
 
     V = 40
     lang = LanguageConfig(num_layers=4, hidden_size=16, num_attention_heads=4, num_query_groups=2,
                           ffn_hidden_size=24, vocab_size=V + 8, unpadded_vocab_size=V)
-    mc = ModelConfig(arch="cross_attention", language=lang, cross_attention=CrossAttentionConfig(layers=[1, 3]))
+    mc = ModelConfig(arch="cross_attention", language=lang)
+    mc.cross_attention = CrossAttentionConfig(layers=[1, 3])  # the arch's section
     pairs = text_pairs(mc)
     g = torch.Generator().manual_seed(0)
     hf = {

@@ -2,7 +2,7 @@
 trainability, HF MllamaForCausalLM parity (gates 0 and nonzero), masks and bad input, generation
 cache, checkpoint round trip of the gates, te spec structure.
 
-HF weights map into the model with ``megatron_vlm.conversion.mllama_text.hf_text_to_megatron``
+HF weights map into the model with ``megatron_vlm.archs.cross_attention.hf_mllama_text.hf_text_to_megatron``
 (layer i -> layer i; q/k/v_proj -> linear_qkv per query group; cross_attn.k/v_proj -> linear_kv
 per group [k_g; v_g]; q_norm/k_norm -> cross_attention.q_layernorm/k_layernorm; gates by name;
 gate/up_proj -> linear_fc1; post_attention_layernorm -> pre_mlp_layernorm; embedding keeps its
@@ -14,11 +14,11 @@ import torch
 
 from megatron_vlm import runtime
 from megatron_vlm.config import Config
-from megatron_vlm.conversion.mllama_text import hf_text_to_megatron, megatron_to_hf_text
+from megatron_vlm.archs.cross_attention.config import cross_attention_layer_indices, text_layer_indices
+from megatron_vlm.archs.cross_attention.hf_mllama_text import hf_text_to_megatron, megatron_to_hf_text
+from megatron_vlm.archs.cross_attention.layers import GatedCrossAttentionLayer, cross_attention_layer_spec
+from megatron_vlm.data.batch import ModelInputs
 from megatron_vlm.models import build_model
-from megatron_vlm.models.cross_attention import (
-    CrossAttentionVLM, GatedCrossAttentionLayer, cross_attention_layer_indices, cross_attention_layer_spec,
-    text_layer_indices)
 from megatron_vlm.testing.distributed import run_distributed
 
 HF_VOCAB = 120  # HF text vocab; Megatron vocab = HF vocab + 8 (Mllama's extra embedding rows)
@@ -29,7 +29,7 @@ def ca_config(num_layers=5, layers=(1, 3), every=None, vocab=HF_VOCAB + 8, seq=1
     cfg = Config()
     cfg.model.arch = "cross_attention"
     cfg.model.backend = "local"
-    lang, v = cfg.model.language, cfg.model.vision
+    lang, v = cfg.model.language, cfg.model.vision_encoder
     lang.num_layers, lang.hidden_size, lang.num_attention_heads, lang.num_query_groups = num_layers, 64, 4, 2
     lang.ffn_hidden_size, lang.vocab_size, lang.seq_length = 96, vocab, seq
     v.num_layers, v.hidden_size, v.num_attention_heads, v.ffn_hidden_size = 1, 32, 4, 64
@@ -50,6 +50,11 @@ def single_rank():
 def build(cfg, seed=0):
     runtime.set_seed(seed)
     return build_model(cfg).eval()
+
+
+def fwd(model, tokens, pos, inference_context=None, **inputs):
+    """The model's one-call contract: ``model(ModelInputs(...))``."""
+    return model(ModelInputs(tokens, pos, **inputs), inference_context=inference_context)
 
 
 def set_gates(model, attn=0.7, mlp=-0.5):
@@ -168,7 +173,7 @@ def hf_forward(hf, tokens, feats, tim, image_mask, k):
 
 def ours_forward(model, tokens, pos, feats, tim, image_mask):
     with torch.no_grad():
-        return model(tokens, pos, image_mask=image_mask, text_image_mask=tim,
+        return fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim,
                      cross_attention_states=feats)[..., :HF_VOCAB]
 
 
@@ -216,7 +221,7 @@ def test_hf_parity(hf_pair, case):
         set_gates(model)
         with torch.no_grad():
             ref = hf(input_ids=tokens, use_cache=False).logits
-            ours = model(tokens, pos)[..., :HF_VOCAB]
+            ours = fwd(model, tokens, pos)[..., :HF_VOCAB]
     else:
         ref = hf_forward(hf, tokens, feats, tim, image_mask, k)
         ours = ours_forward(model, tokens, pos, feats, tim, image_mask)
@@ -226,7 +231,7 @@ def test_hf_parity(hf_pair, case):
     assert diff <= PARITY_TOL, (case, diff)
     if case in ("gates_hf_rows", "gates_all_rows_see_image"):  # the cross-attention path really counts
         with torch.no_grad():
-            text_only = model(tokens, pos)[..., :HF_VOCAB]
+            text_only = fwd(model, tokens, pos)[..., :HF_VOCAB]
         assert (text_only - ref).abs().max() > 1e-2
 
 
@@ -267,7 +272,7 @@ def text_only_twin(cfg):
 def image_batch(cfg, b=2, n=2, seed=3):
     tokens, pos, _, tim, image_mask = inputs(cfg, b=b, n=n, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    v = cfg.model.vision
+    v = cfg.model.vision_encoder
     images = torch.randn(b, n, 3, v.image_size, v.image_size, generator=g)
     labels = torch.roll(tokens, -1, dims=1)
     return tokens, pos, images, tim, image_mask, labels
@@ -282,12 +287,12 @@ def test_identity_at_init_and_warm_start_bit_exact():
     model.load_text_decoder(text.state_dict())
     tokens, pos, images, tim, image_mask, labels = image_batch(cfg)
     with torch.no_grad():
-        ref_logits = text(tokens, pos)
-        ref_loss = text(tokens, pos, labels=labels)
-        logits = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
-        loss = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels)
+        ref_logits = fwd(text, tokens, pos)
+        ref_loss = fwd(text, tokens, pos, labels=labels)
+        logits = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
+        loss = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels)
         set_gates(model)  # sanity: with open gates the images do change the output
-        opened = model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
+        opened = fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim)
     assert torch.equal(logits, ref_logits)
     assert torch.equal(loss, ref_loss)
     assert (opened - ref_logits).abs().max() > 1e-3
@@ -317,7 +322,7 @@ def test_trainability_gates_first_then_branches():
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean().backward()
+        fwd(model, tokens, pos, images=images, image_mask=image_mask, text_image_mask=tim, labels=labels).mean().backward()
         return _grads(model)
 
     g0 = step()
@@ -354,8 +359,8 @@ def test_text_before_image_gets_no_contribution(gated_model):
     cfg, model = gated_model
     tokens, pos, feats, tim, image_mask = inputs(cfg)
     with torch.no_grad():
-        text_only = model(tokens, pos)
-        out = model(tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
+        text_only = fwd(model, tokens, pos)
+        out = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
     # sample 0 sees its first image at position 3: rows 0-2 are the text-only rows
     assert torch.allclose(out[0, :3], text_only[0, :3], rtol=0, atol=1e-6)
     assert (out[0, 3:] - text_only[0, 3:]).abs().max() > 1e-3
@@ -366,10 +371,10 @@ def test_batch_without_image(gated_model):
     cfg, model = gated_model
     tokens, pos, feats, tim, _ = inputs(cfg)
     with torch.no_grad():
-        text_only = model(tokens, pos)  # no features at all: CA layers skipped (HF semantics)
-        all_padded = model(tokens, pos, image_mask=torch.zeros(2, 2, dtype=torch.bool), text_image_mask=tim,
+        text_only = fwd(model, tokens, pos)  # no features at all: CA layers skipped (HF semantics)
+        all_padded = fwd(model, tokens, pos, image_mask=torch.zeros(2, 2, dtype=torch.bool), text_image_mask=tim,
                            cross_attention_states=feats)
-        never_allowed = model(tokens, pos, text_image_mask=torch.zeros_like(tim), cross_attention_states=feats)
+        never_allowed = fwd(model, tokens, pos, text_image_mask=torch.zeros_like(tim), cross_attention_states=feats)
     assert torch.isfinite(text_only).all()
     assert torch.equal(all_padded, text_only)  # every row sees no image: the CA layers add exactly 0
     assert torch.equal(never_allowed, text_only)
@@ -382,8 +387,8 @@ def test_padded_image_is_ignored(gated_model):
     changed = feats.clone()
     changed[1, k:] = 100.0  # sample 1's image 1 is padded
     with torch.no_grad():
-        a = model(tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
-        b = model(tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=changed)
+        a = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
+        b = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=changed)
     assert torch.equal(a, b)
 
 
@@ -392,9 +397,9 @@ def test_no_text_image_mask_means_all_present_images(gated_model):
     tokens, pos, feats, _, image_mask = inputs(cfg)
     full = torch.ones(2, cfg.model.language.seq_length, 2, dtype=torch.bool)
     with torch.no_grad():
-        a = model(tokens, pos, image_mask=image_mask, cross_attention_states=feats)
-        b = model(tokens, pos, image_mask=image_mask, text_image_mask=full, cross_attention_states=feats)
-        c = model(tokens, pos, cross_attention_states=feats.reshape(2, 2, -1, feats.shape[-1]))
+        a = fwd(model, tokens, pos, image_mask=image_mask, cross_attention_states=feats)
+        b = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=full, cross_attention_states=feats)
+        c = fwd(model, tokens, pos, cross_attention_states=feats.reshape(2, 2, -1, feats.shape[-1]))
     assert torch.equal(a, b)
     assert torch.isfinite(c).all()
 
@@ -402,17 +407,17 @@ def test_no_text_image_mask_means_all_present_images(gated_model):
 def test_bad_input_raises(gated_model):
     cfg, model = gated_model
     tokens, pos, feats, tim, image_mask = inputs(cfg)
-    v = cfg.model.vision
+    v = cfg.model.vision_encoder
     with pytest.raises(ValueError, match="language hidden size 64"):
-        model(tokens, pos, cross_attention_states=torch.randn(2, 8, 32))
+        fwd(model, tokens, pos, cross_attention_states=torch.randn(2, 8, 32))
     with pytest.raises(ValueError, match="text_image_mask shape"):
-        model(tokens, pos, text_image_mask=tim[:, :5], cross_attention_states=feats)
+        fwd(model, tokens, pos, text_image_mask=tim[:, :5], cross_attention_states=feats)
     with pytest.raises(ValueError, match="image_mask shape"):
-        model(tokens, pos, image_mask=image_mask[:, :1], text_image_mask=tim, cross_attention_states=feats)
+        fwd(model, tokens, pos, image_mask=image_mask[:, :1], text_image_mask=tim, cross_attention_states=feats)
     with pytest.raises(ValueError, match="either images or cross_attention_states"):
-        model(tokens, pos, images=torch.randn(2, 2, 3, v.image_size, v.image_size), cross_attention_states=feats)
+        fwd(model, tokens, pos, images=torch.randn(2, 2, 3, v.image_size, v.image_size), cross_attention_states=feats)
     with pytest.raises(ValueError, match="do not split"):
-        model(tokens, pos, image_mask=torch.ones(2, 3, dtype=torch.bool), cross_attention_states=feats)
+        fwd(model, tokens, pos, image_mask=torch.ones(2, 3, dtype=torch.bool), cross_attention_states=feats)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,9 +431,9 @@ def test_decode_with_cached_image_kv_matches_full_forward(gated_model):
     tokens, pos, feats, tim, image_mask = inputs(cfg)
     s = tokens.shape[1]
     with torch.no_grad():
-        full = model(tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
+        full = fwd(model, tokens, pos, image_mask=image_mask, text_image_mask=tim, cross_attention_states=feats)
         ctx = StaticInferenceContext(max_batch_size=2, max_sequence_length=s)
-        prefill = model(tokens[:, :s - 2], pos[:, :s - 2], image_mask=image_mask, text_image_mask=tim[:, :s - 2],
+        prefill = fwd(model, tokens[:, :s - 2], pos[:, :s - 2], image_mask=image_mask, text_image_mask=tim[:, :s - 2],
                         cross_attention_states=feats, inference_context=ctx)
         cache = ctx.cross_attention_cache
         assert sorted(cache.kv) == [2, 5]  # layer numbers (1-based) of the two CA layers
@@ -436,7 +441,7 @@ def test_decode_with_cached_image_kv_matches_full_forward(gated_model):
         steps = []
         for t in (s - 2, s - 1):  # decode without image features: K/V come from the cache
             ctx.sequence_len_offset = t
-            steps.append(model(tokens[:, t:t + 1], pos[:, t:t + 1], image_mask=image_mask,
+            steps.append(fwd(model, tokens[:, t:t + 1], pos[:, t:t + 1], image_mask=image_mask,
                                text_image_mask=tim[:, t:t + 1], inference_context=ctx))
     assert all(torch.equal(cache.kv[n][0], v) for n, v in cached.items())  # computed once, reused
     assert torch.allclose(prefill[:, -1], full[:, s - 3], rtol=0, atol=1e-5)
@@ -445,7 +450,7 @@ def test_decode_with_cached_image_kv_matches_full_forward(gated_model):
     # without text_image_mask the decode step reuses the last prefill row (HF generate's rule)
     with torch.no_grad():
         ctx.sequence_len_offset = s - 2
-        again = model(tokens[:, s - 2:s - 1], pos[:, s - 2:s - 1], inference_context=ctx)
+        again = fwd(model, tokens[:, s - 2:s - 1], pos[:, s - 2:s - 1], inference_context=ctx)
     assert torch.allclose(again[:, -1], steps[0][:, -1], rtol=0, atol=1e-6)
 
 

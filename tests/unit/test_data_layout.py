@@ -5,6 +5,7 @@ import torch
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY
+from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.data.samples import SequenceBuilder
 from megatron_vlm.data.tokenizer import train_bpe
 
@@ -22,10 +23,10 @@ def _images(b, size=8):
     return torch.randn(b, 3, size, size)
 
 
-@pytest.mark.parametrize("arch", ["joint_decoder", "mot", "moma", "mmca"])
-def test_joint_layout(tok, arch):
+@pytest.mark.parametrize("layout", [TokenLayout.INLINE, "inline"])
+def test_joint_layout(tok, layout):
     k, s = 5, 32
-    builder = SequenceBuilder(tok, arch, s, k)
+    builder = SequenceBuilder(tok, layout, s, k)
     batch = builder.collate([QA, CAPTION], _images(2))
     q, a = tok.encode(QA["question"]), tok.encode(" " + QA["answer"])
     c = tok.encode(CAPTION["text"])
@@ -52,7 +53,7 @@ def test_joint_layout(tok, arch):
 
 def test_batch_shapes_and_dtypes(tok):
     b, s, k = 3, 40, 4
-    batch = SequenceBuilder(tok, "joint_decoder", s, k).collate([QA, CAPTION, QA], _images(b, 16))
+    batch = SequenceBuilder(tok, TokenLayout.INLINE, s, k).collate([QA, CAPTION, QA], _images(b, 16))
     expected = {"tokens": ((b, s), torch.int64), "labels": ((b, s), torch.int64),
                 "loss_mask": ((b, s), torch.float32), "position_ids": ((b, s), torch.int64),
                 "modality_ids": ((b, s), torch.int64), "images": ((b, 1, 3, 16, 16), torch.float32),
@@ -65,7 +66,7 @@ def test_batch_shapes_and_dtypes(tok):
 
 def test_cross_attention_layout(tok):
     s = 24
-    batch = SequenceBuilder(tok, "cross_attention", s, num_image_tokens=16).collate([QA, CAPTION], _images(2))
+    batch = SequenceBuilder(tok, TokenLayout.MARKER, s, num_image_tokens=16).collate([QA, CAPTION], _images(2))
     c = tok.encode(CAPTION["text"])
     assert batch.tokens[1, :len(c) + 3].tolist() == [tok.bos_id, tok.image_token_id] + c + [tok.eos_id]
     assert int((batch.tokens == tok.image_token_id).sum()) == 2  # one <image> token per sample
@@ -80,7 +81,7 @@ def test_truncation_cuts_text_from_the_end(tok):
     k = 6
     c = tok.encode(CAPTION["text"])
     s = 1 + k + 3  # room for 3 caption tokens, no eos
-    batch = SequenceBuilder(tok, "joint_decoder", s, k).collate([CAPTION], _images(1))
+    batch = SequenceBuilder(tok, TokenLayout.INLINE, s, k).collate([CAPTION], _images(1))
     assert batch.tokens[0].tolist() == [tok.bos_id] + [tok.image_token_id] * k + c[:3]
     assert batch.labels[0][batch.loss_mask[0] > 0].tolist() == c[:3]  # no eos: it was cut
     assert (batch.modality_ids[0, 1:1 + k] == IMAGE_MODALITY).all()
@@ -88,7 +89,7 @@ def test_truncation_cuts_text_from_the_end(tok):
 
 def test_image_tokens_that_do_not_fit_raise(tok):
     with pytest.raises(ValueError, match="seq_length=17: bos \\+ 16 image token"):
-        SequenceBuilder(tok, "joint_decoder", 17, 16)
+        SequenceBuilder(tok, TokenLayout.INLINE, 17, 16)
     with pytest.raises(ValueError, match="no token layout"):
         SequenceBuilder(tok, "unknown", 64, 4)
     cfg = ModelConfig()
@@ -98,7 +99,7 @@ def test_image_tokens_that_do_not_fit_raise(tok):
 
 
 def test_image_placeholder_text_is_removed_and_model_image_id_used(tok):
-    builder = SequenceBuilder(tok, "joint_decoder", 32, 2, image_token_id=7)
+    builder = SequenceBuilder(tok, TokenLayout.INLINE, 32, 2, image_token_id=7)
     batch = builder.collate([{"text": "<image>\na red circle."}], _images(1))
     assert batch.tokens[0, :3].tolist() == [tok.bos_id, 7, 7]
     assert batch.tokens[0, 3:3 + len(tok.encode("a red circle."))].tolist() == tok.encode("a red circle.")

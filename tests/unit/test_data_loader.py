@@ -30,7 +30,7 @@ def _cfg(data_dir, mbs=4, seed=5, arch="joint_decoder") -> Config:
     cfg.training.micro_batch_size = mbs
     cfg.training.seed = seed
     cfg.model.arch = arch
-    cfg.model.vision.image_size, cfg.model.vision.patch_size = 16, 8
+    cfg.model.vision_encoder.image_size, cfg.model.vision_encoder.patch_size = 16, 8
     cfg.model.language.seq_length = 32
     return cfg
 
@@ -125,9 +125,9 @@ def test_images_are_resized_cropped_and_normalised(tmp_path):
     shards.build_shards(entries, tmp_path / "data" / "val", tmp_path, shard_size=2)
     train_bpe(["x y z"], 300, tmp_path / "data" / "tokenizer")
     cfg = _cfg(tmp_path / "data", mbs=2)
-    cfg.model.vision.image_size = 8
+    cfg.model.vision_encoder.image_size = 8
     batch = build_loader(cfg, "val", dali_loader.load_tokenizer(cfg), 0, 1).next_batch()
-    mean, std = np.array(cfg.model.vision.image_mean), np.array(cfg.model.vision.image_std)
+    mean, std = np.array(cfg.model.vision_encoder.image_mean), np.array(cfg.model.vision_encoder.image_std)
     assert batch.images.shape == (2, 1, 3, 8, 8)
     for i, c in enumerate(colours):
         expected = (np.array(c) / 255 - mean) / std

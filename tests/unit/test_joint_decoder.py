@@ -38,8 +38,9 @@ def _error(fn) -> dict | None:
 
 def _joint_decoder_world(cfg: Config) -> dict:
     from megatron_vlm import runtime
+    from megatron_vlm.data.batch import ModelInputs
     from megatron_vlm.models import build_model
-    from megatron_vlm.models.specs import resolve_backend
+    from megatron_vlm.models.backends import resolve_backend
     from megatron_vlm.testing.batches import random_batch
 
     runtime.initialize(seed=5)
@@ -48,10 +49,10 @@ def _joint_decoder_world(cfg: Config) -> dict:
     k = cfg.model.num_image_tokens
 
     def run(model, images=None, tokens=None, image_mask=None, backward=False):
-        loss = model(batch.tokens if tokens is None else tokens, batch.position_ids,
-                     images=batch.images if images is None else images,
-                     image_mask=batch.image_mask if image_mask is None else image_mask,
-                     labels=batch.labels)
+        loss = model(ModelInputs(batch.tokens if tokens is None else tokens, batch.position_ids,
+                                 images=batch.images if images is None else images,
+                                 image_mask=batch.image_mask if image_mask is None else image_mask,
+                                 labels=batch.labels))
         if backward:
             (loss * batch.loss_mask).sum().backward()
         return loss.detach()
@@ -189,7 +190,7 @@ def test_te_backend_without_transformer_engine_is_a_clear_error(world):
 
 
 def test_resolve_backend():
-    from megatron_vlm.models import specs
+    from megatron_vlm.models import backends as specs
 
     assert specs.resolve_backend("auto") == "local"  # no CUDA here
     assert specs.resolve_backend("local") == "local"
@@ -200,7 +201,7 @@ def test_resolve_backend():
 
 
 def test_splice_puts_features_at_image_tokens_in_order():
-    from megatron_vlm.models.joint_decoder import splice_image_embeddings
+    from megatron_vlm.archs.joint_decoder.model import splice_image_embeddings
 
     s, b, n, k, h, img = 10, 2, 2, 2, 3, 9
     tokens = torch.tensor([[1, img, img, 2, img, img, 3, 4, 5, 6],

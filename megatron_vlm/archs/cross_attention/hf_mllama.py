@@ -22,7 +22,7 @@ cross-attention layers as layers of their own, and so does our arch — ``model.
     output_layer.weight                language_model.lm_head.weight   PadRows: vocab rows
     decoder.final_layernorm.weight     norm.weight
 
-``mllama_text.py`` applies this text map to whole in-memory state dicts (model tests, warm starts).
+``hf_mllama_text.py`` applies this text map to whole in-memory state dicts (model tests, warm starts).
 
 Vision tower: **carried as a wrapped HF module**, not ported. Mllama's tower (tiles, gated
 positional and aspect-ratio embeddings, a local and a gated global transformer, five intermediate
@@ -40,21 +40,16 @@ import dataclasses
 
 import torch
 
-from megatron_vlm.config import CrossAttentionConfig, ModelConfig, VisionConfig
+from megatron_vlm.archs.cross_attention.config import CrossAttentionConfig, layer_indices
+from megatron_vlm.config import ModelConfig, VisionConfig
 from megatron_vlm.conversion import llama
-from megatron_vlm.conversion.families import Family, prefix_renamer, register
-from megatron_vlm.conversion.llava import read_image_stats
+from megatron_vlm.conversion.families import Family, prefix_renamer
+from megatron_vlm.conversion.hf_io import read_image_stats
+from megatron_vlm.data.batch import ModelInputs
 from megatron_vlm.conversion.mapping import (GATE_UP, KV, ConversionError, Pair, PadRows, Rule,
                                              expand)
 
 EXTRA_EMBEDDING_ROWS = 8  # Mllama's embedding has vocab_size + 8 rows (<|image|> among the extra ones)
-
-
-def _ca_indices(config: ModelConfig) -> list[int]:
-    from megatron_vlm.models.cross_attention import cross_attention_layer_indices
-
-    ca = config.cross_attention
-    return cross_attention_layer_indices(config.language.num_layers, ca.every, ca.layers)
 
 
 RENAME = prefix_renamer([
@@ -88,7 +83,7 @@ def text_pairs(mc: ModelConfig) -> list[Pair]:
     lang = mc.language
     heads, groups = lang.num_attention_heads, lang.num_query_groups or lang.num_attention_heads
     v = llama.hf_vocab_size(lang)
-    ca = set(_ca_indices(mc))
+    ca = set(layer_indices(mc))
     m, h = "language_model.", "language_model.model."
     out = expand([Rule("embedding.word_embeddings.weight", "embed_tokens.weight",
                        PadRows(v + EXTRA_EMBEDDING_ROWS, lang.vocab_size))], mcore_prefix=m, hf_prefix=h)
@@ -114,7 +109,8 @@ def vision_keys(hf_vision_config: dict) -> list[str]:
 
 def structure(mc: ModelConfig) -> dict:
     d = dataclasses.asdict(mc)
-    d["vision"] = {k: v for k, v in d["vision"].items() if k not in ("image_mean", "image_std")}
+    d.pop("sections")
+    d["vision"] = {k: v for k, v in d["vision"][0].items() if k not in ("image_mean", "image_std")}
     hf = dict(d["vision"]["hf_config"] or {})
     for k in ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
               "id2label", "label2id", "output_hidden_states", "return_dict", "output_attentions",
@@ -124,13 +120,12 @@ def structure(mc: ModelConfig) -> dict:
     d["language"].pop("seq_length")
     d["language"]["vocab_size"] = llama.hf_vocab_size(mc.language)
     d["language"].pop("unpadded_vocab_size")
-    d["cross_attention"] = sorted(_ca_indices(mc))
+    d["cross_attention"] = sorted(layer_indices(mc))
     for k in ("backend", "freeze_vision", "freeze_projector", "freeze_language"):
         d.pop(k)
     return d
 
 
-@register
 class Mllama(Family):
     name = "mllama"
     hf_architectures = ("MllamaForConditionalGeneration",)
@@ -175,8 +170,8 @@ class Mllama(Family):
         image_token = getattr(hf, "image_token_index", None)
         if image_token is None:
             image_token = getattr(hf, "image_token_id", None)
-        return ModelConfig(arch=self.arch, vision=vision, language=language,
-                           cross_attention=CrossAttentionConfig(layers=sorted(int(i) for i in layers)),
+        return ModelConfig(arch=self.arch, vision=[vision], language=language,
+                           sections={"cross_attention": CrossAttentionConfig(layers=sorted(int(i) for i in layers))},
                            projector="affine", drop_vision_class_token=False, image_token_id=image_token)
 
     def hf_config_from_model(self, mc: ModelConfig, base: dict | None = None):
@@ -184,7 +179,7 @@ class Mllama(Family):
 
         if base is not None:
             return MllamaConfig.from_dict(base)
-        if mc.vision.hf_config is None or mc.vision.hf_config.get("model_type") != "mllama_vision_model":
+        if mc.vision_encoder.hf_config is None or mc.vision_encoder.hf_config.get("model_type") != "mllama_vision_model":
             raise ConversionError("model.vision.hf_config: an Mllama export needs the wrapped Mllama "
                                   "vision tower (model_type 'mllama_vision_model')")
         if mc.projector != "affine":
@@ -196,27 +191,27 @@ class Mllama(Family):
             num_hidden_layers=lang.num_layers, num_attention_heads=lang.num_attention_heads,
             num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
             rms_norm_eps=lang.layernorm_epsilon, hidden_act="silu",
-            max_position_embeddings=lang.seq_length, cross_attention_layers=sorted(_ca_indices(mc)),
+            max_position_embeddings=lang.seq_length, cross_attention_layers=sorted(layer_indices(mc)),
             rope_parameters=llama.rope_parameters(lang),
             tie_word_embeddings=not lang.untie_embeddings_and_output_weights)
         if text.pad_token_id is not None and text.pad_token_id >= v + EXTRA_EMBEDDING_ROWS:
             text.pad_token_id = None  # Llama 3's default id; outside a smaller vocab it breaks nn.Embedding
         image_token = mc.image_token_id if mc.image_token_id is not None else v
-        return MllamaConfig(vision_config=dict(mc.vision.hf_config), text_config=text.to_dict(),
+        return MllamaConfig(vision_config=dict(mc.vision_encoder.hf_config), text_config=text.to_dict(),
                             image_token_index=image_token, architectures=list(self.hf_architectures))
 
     # ---- keys -----------------------------------------------------------------------------
     def pairs(self, mc: ModelConfig) -> list:
-        if mc.vision.hf_config is None:
+        if mc.vision_encoder.hf_config is None:
             raise ConversionError("model.vision.hf_config is not set: this cross_attention checkpoint uses "
                                   "our CLIP tower, which has no Mllama counterpart")
-        vision = [Pair(f"vision_model.hf.{k}", (f"vision_model.{k}",)) for k in vision_keys(mc.vision.hf_config)]
+        vision = [Pair(f"vision_model.hf.{k}", (f"vision_model.{k}",)) for k in vision_keys(mc.vision_encoder.hf_config)]
         projector = expand([Rule("encoder.weight", "weight"), Rule("encoder.bias", "bias")],
                            mcore_prefix="vision_projection.", hf_prefix="multi_modal_projector.")
         return vision + projector + text_pairs(mc)
 
     # ---- verify / generate inputs -----------------------------------------------------------
-    def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> dict:
+    def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> ModelInputs:
         """``[<|image|>, text...]``, every token may attend the image (tile 0).
 
         Rows that may attend no image are avoided on purpose: there HF attends all image tokens
@@ -227,44 +222,32 @@ class Mllama(Family):
         image_token = mc.image_token_id if mc.image_token_id is not None else v
         text = torch.randint(0, v, (text_len,), generator=g)
         tokens = torch.cat([torch.tensor([image_token]), text])[None]
-        allowed = torch.ones(1, tokens.shape[1], 1, dtype=torch.bool)
-        size = mc.vision.image_size
-        return {"tokens": tokens, "images": torch.randn(1, 3, size, size, generator=g),
-                "text_image_mask": allowed}
+        size = mc.vision_encoder.image_size
+        return ModelInputs(tokens, images=torch.randn(1, 1, 3, size, size, generator=g),
+                           image_mask=torch.ones(1, 1, dtype=torch.bool),
+                           text_image_mask=torch.ones(1, tokens.shape[1], 1, dtype=torch.bool))
 
-    def megatron_logits(self, model, inputs: dict) -> torch.Tensor:
-        tokens = inputs["tokens"]
-        pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-        return model(tokens, pos, images=inputs["images"][:, None],
-                     image_mask=torch.ones(tokens.shape[0], 1, dtype=torch.bool),
-                     text_image_mask=inputs["text_image_mask"])
-
-    def _hf_kwargs(self, hf_model, inputs: dict) -> dict:
+    def _hf_kwargs(self, hf_model, inputs: ModelInputs) -> dict:
         vc = hf_model.config.vision_config
         tiles = vc.max_num_tiles
         dtype = next(hf_model.parameters()).dtype
-        b, s = inputs["tokens"].shape
-        images = inputs["images"].to(dtype)
+        b, s = inputs.tokens.shape
+        images = inputs.images[:, 0].to(dtype)
         pixel_values = images.new_zeros(b, 1, tiles, *images.shape[1:])
         pixel_values[:, 0, 0] = images
         ratio_id = 1 + [list(r) for r in vc.supported_aspect_ratios].index([1, 1])
         ratio_mask = torch.zeros(b, 1, tiles, dtype=torch.long)
         ratio_mask[..., 0] = 1
         cam = torch.zeros(b, s, 1, tiles, dtype=torch.long)
-        cam[..., 0, 0] = inputs["text_image_mask"][..., 0].long()
-        return dict(input_ids=inputs["tokens"], pixel_values=pixel_values,
+        cam[..., 0, 0] = inputs.text_image_mask[..., 0].long()
+        return dict(input_ids=inputs.tokens, pixel_values=pixel_values,
                     aspect_ratio_ids=torch.full((b, 1), ratio_id), aspect_ratio_mask=ratio_mask,
-                    cross_attention_mask=cam, attention_mask=torch.ones_like(inputs["tokens"]))
+                    cross_attention_mask=cam, attention_mask=torch.ones_like(inputs.tokens))
 
-    def hf_logits(self, hf_model, inputs: dict) -> torch.Tensor:
+    def hf_logits(self, hf_model, inputs: ModelInputs) -> torch.Tensor:
         return hf_model(**self._hf_kwargs(hf_model, inputs)).logits
 
-    def append_token(self, inputs: dict, token: int) -> dict:
-        tim = inputs["text_image_mask"]
-        return {**inputs, "tokens": torch.cat([inputs["tokens"], torch.tensor([[token]])], dim=1),
-                "text_image_mask": torch.cat([tim, tim[:, -1:]], dim=1)}
-
-    def hf_generate(self, hf_model, inputs: dict, max_new_tokens: int) -> list[int]:
+    def hf_generate(self, hf_model, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
         kw = self._hf_kwargs(hf_model, inputs)
         out = hf_model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-        return out[0, inputs["tokens"].shape[1]:].tolist()
+        return out[0, inputs.tokens.shape[1]:].tolist()

@@ -1,8 +1,9 @@
 """``joint_decoder`` (LLaVA style): image features replace the image-token embeddings in the text
 sequence; the decoder is a plain GPT stack.
 
-The data layer reserves ``num_image_tokens`` positions holding ``image_token_id`` per present image,
-so the sequence length is fixed and pipeline stages exchange plain ``[s, b, h]`` tensors.
+The data layer reserves ``num_image_tokens`` positions holding ``image_token_id`` per present image
+(``inline`` token layout), so the sequence length is fixed and pipeline stages exchange plain
+``[s, b, h]`` tensors.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_vlm.models.vlm import VLMModel, register_arch
+from megatron_vlm.models import specs
+from megatron_vlm.models.vlm import VLMModel
+
+
+def block_spec(ctx):
+    """This stage's plain causal GPT layers."""
+    return specs.block_spec(ctx.config, specs.language_layer_spec(ctx.backend), ctx.backend, ctx.vp_stage)
 
 
 def splice_image_embeddings(text_embeddings: torch.Tensor, tokens: torch.Tensor,
@@ -43,18 +50,16 @@ def splice_image_embeddings(text_embeddings: torch.Tensor, tokens: torch.Tensor,
     return torch.where(where, full, text_embeddings)
 
 
-@register_arch("joint_decoder")
 class JointDecoderVLM(VLMModel):
     """LLaVA-style VLM: one causal decoder over spliced image + text tokens."""
 
-    def language_forward(self, tokens, position_ids, image_embeddings, image_mask, labels,
-                         text_image_mask, **kwargs):
-        decoder_input = None
-        if self.pre_process:
-            decoder_input = self.language_model.embedding(input_ids=tokens, position_ids=position_ids)
-            if image_embeddings is not None:
-                decoder_input = splice_image_embeddings(
-                    decoder_input, tokens, image_embeddings, image_mask, self.image_token_id,
-                    self.language_config.sequence_parallel)
-        return self.language_model(input_ids=tokens, position_ids=position_ids, attention_mask=None,
-                                   decoder_input=decoder_input, labels=labels, **kwargs)
+    def language_forward(self, inputs, decoder_input, image_embeddings, context,
+                         inference_context=None, runtime_gather_output=None):
+        if decoder_input is not None and image_embeddings is not None:
+            decoder_input = splice_image_embeddings(
+                decoder_input, inputs.tokens, image_embeddings, inputs.image_mask, self.image_token_id,
+                self.language_config.sequence_parallel)
+        return self.language_model(input_ids=inputs.tokens, position_ids=inputs.position_ids,
+                                   attention_mask=None, decoder_input=decoder_input, labels=inputs.labels,
+                                   inference_context=inference_context,
+                                   runtime_gather_output=runtime_gather_output, padding_mask=context)

@@ -17,14 +17,14 @@ image token into ``image_seq_length`` tokens the same way).
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.conversion import clip, llama
-from megatron_vlm.conversion.families import Family, prefix_renamer, register
+from megatron_vlm.conversion.families import Family, prefix_renamer
+from megatron_vlm.conversion.hf_io import read_image_stats
+from megatron_vlm.data.batch import ModelInputs
 from megatron_vlm.conversion.mapping import ConversionError, Rule, expand
 
 RENAME = prefix_renamer([
@@ -41,18 +41,9 @@ PROJECTOR_RULES = [
 ]
 
 
-def read_image_stats(folder) -> tuple:
-    """``image_mean`` / ``image_std`` from ``preprocessor_config.json`` when the folder has one."""
-    path = Path(folder) / "preprocessor_config.json" if folder else None
-    if path is None or not path.is_file():
-        return None, None
-    data = json.loads(path.read_text())
-    return data.get("image_mean"), data.get("image_std")
-
-
 def structure(mc: ModelConfig) -> dict:
     """The fields that decide tensor layout and the forward function (not training choices)."""
-    v, lang = dataclasses.asdict(mc.vision), dataclasses.asdict(mc.language)
+    v, lang = dataclasses.asdict(mc.vision_encoder), dataclasses.asdict(mc.language)
     for k in ("image_mean", "image_std"):
         v.pop(k)
     lang.pop("seq_length")
@@ -62,7 +53,6 @@ def structure(mc: ModelConfig) -> dict:
             "drop_vision_class_token": mc.drop_vision_class_token, "image_token_id": mc.image_token_id}
 
 
-@register
 class Llava(Family):
     name = "llava"
     hf_architectures = ("LlavaForConditionalGeneration",)
@@ -102,7 +92,7 @@ class Llava(Family):
         if image_token is None or not 0 <= image_token < tc.vocab_size:
             raise ConversionError(f"image_token_index={image_token!r}: must be a token id < "
                                   f"text_config.vocab_size={tc.vocab_size}")
-        mc = ModelConfig(arch=self.arch, vision=vision, language=language, projector="mlp",
+        mc = ModelConfig(arch=self.arch, vision=[vision], language=language, projector="mlp",
                          drop_vision_class_token=strategy == "default", image_token_id=image_token)
         if language.seq_length <= mc.num_image_tokens:
             language.seq_length = min(tc.max_position_embeddings, 2 * mc.num_image_tokens)
@@ -121,7 +111,7 @@ class Llava(Family):
         if image_token >= hf_vocab:
             raise ConversionError(f"model.image_token_id={image_token}: outside the exported vocab of {hf_vocab}")
         text = llama.language_config_to_hf(mc.language)
-        vision = clip.vision_config_to_hf(mc.vision)
+        vision = clip.vision_config_to_hf(mc.vision_encoder)
         return LlavaConfig(
             vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token,
             vision_feature_layer=-1,
@@ -135,7 +125,7 @@ class Llava(Family):
     def pairs(self, mc: ModelConfig) -> list:
         if mc.projector != "mlp":
             raise ConversionError(f"model.projector={mc.projector!r}: LLaVA's projector is the 'mlp' type")
-        return (clip.pairs(mc.vision, "vision_model.", "vision_tower.")
+        return (clip.pairs(mc.vision_encoder, "vision_model.", "vision_tower.")
                 + expand(PROJECTOR_RULES, mcore_prefix="vision_projection.", hf_prefix="multi_modal_projector.")
                 + llama.pairs(mc.language, "language_model.", "language_model.model.",
                               "language_model.lm_head.weight"))
@@ -149,10 +139,10 @@ class Llava(Family):
         return None
 
     def unused_hf_keys(self, hf, mc: ModelConfig) -> list[str]:
-        return clip.unused_keys(hf.vision_config.num_hidden_layers, mc.vision.num_layers, "vision_tower.")
+        return clip.unused_keys(hf.vision_config.num_hidden_layers, mc.vision_encoder.num_layers, "vision_tower.")
 
     # ---- verify / generate inputs -----------------------------------------------------------
-    def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> dict:
+    def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> ModelInputs:
         """``[t0] + image tokens (one image) + text``: the expanded form both sides expect."""
         g = torch.Generator().manual_seed(seed)
         vocab = llama.hf_vocab_size(mc.language)
@@ -160,28 +150,19 @@ class Llava(Family):
         text = torch.randint(0, vocab, (text_len,), generator=g)
         text[text == image_token] = (image_token + 1) % vocab
         tokens = torch.cat([text[:1], torch.full((mc.num_image_tokens,), image_token), text[1:]])
-        size = mc.vision.image_size
-        return {"tokens": tokens[None], "images": torch.randn(1, 3, size, size, generator=g)}
+        size = mc.vision_encoder.image_size
+        return ModelInputs(tokens[None], images=torch.randn(1, 1, 3, size, size, generator=g),
+                           image_mask=torch.ones(1, 1, dtype=torch.bool))
 
-    def megatron_logits(self, model, inputs: dict) -> torch.Tensor:
-        tokens, images = inputs["tokens"], inputs["images"]
-        dtype = next(model.parameters()).dtype
-        pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
-        return model(tokens, pos, images=images[:, None].to(dtype),
-                     image_mask=torch.ones(tokens.shape[0], 1, dtype=torch.bool))
-
-    def hf_logits(self, hf_model, inputs: dict) -> torch.Tensor:
+    def _hf_kwargs(self, hf_model, inputs: ModelInputs) -> dict:
         dtype = next(hf_model.parameters()).dtype
-        return hf_model(input_ids=inputs["tokens"], pixel_values=inputs["images"].to(dtype),
-                        attention_mask=torch.ones_like(inputs["tokens"])).logits
+        return dict(input_ids=inputs.tokens, pixel_values=inputs.images[:, 0].to(dtype),
+                    attention_mask=torch.ones_like(inputs.tokens))
 
-    def append_token(self, inputs: dict, token: int) -> dict:
-        return {**inputs, "tokens": torch.cat([inputs["tokens"], torch.tensor([[token]])], dim=1)}
+    def hf_logits(self, hf_model, inputs: ModelInputs) -> torch.Tensor:
+        return hf_model(**self._hf_kwargs(hf_model, inputs)).logits
 
-    def hf_generate(self, hf_model, inputs: dict, max_new_tokens: int) -> list[int]:
-        dtype = next(hf_model.parameters()).dtype
-        tokens = inputs["tokens"]
-        out = hf_model.generate(input_ids=tokens, pixel_values=inputs["images"].to(dtype),
-                                attention_mask=torch.ones_like(tokens), max_new_tokens=max_new_tokens,
+    def hf_generate(self, hf_model, inputs: ModelInputs, max_new_tokens: int) -> list[int]:
+        out = hf_model.generate(**self._hf_kwargs(hf_model, inputs), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=0)
-        return out[0, tokens.shape[1]:].tolist()
+        return out[0, inputs.tokens.shape[1]:].tolist()

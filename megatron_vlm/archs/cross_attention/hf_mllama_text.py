@@ -38,7 +38,7 @@ HF keys are accepted with any of the prefixes ``""``, ``model.``, ``language_mod
 MllamaForConditionalGeneration, in-memory MllamaForConditionalGeneration); vision keys are ignored.
 :func:`megatron_to_hf_text` writes MllamaForCausalLM names (``model.*``, ``lm_head.weight``).
 
-Both functions apply the converter's declarative text map (:func:`megatron_vlm.conversion.mllama.text_pairs`)
+Both functions apply the converter's declarative text map (:func:`megatron_vlm.archs.cross_attention.hf_mllama.text_pairs`)
 to whole in-memory state dicts; they only rename its keys to the text model's own names.
 """
 
@@ -49,7 +49,9 @@ import re
 
 from megatron_vlm.config import ModelConfig
 from megatron_vlm.conversion import mapping
-from megatron_vlm.conversion.mllama import EXTRA_EMBEDDING_ROWS, _ca_indices, text_pairs
+from megatron_vlm.archs.cross_attention.config import layer_indices
+from megatron_vlm.archs.cross_attention.hf_mllama import EXTRA_EMBEDDING_ROWS, text_pairs
+from megatron_vlm.models.backends import te_norm_keys
 
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
 _LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
@@ -76,12 +78,9 @@ def _text_view(hf_state_dict: dict) -> dict:
 
 def _te_name(key: str, ca: set[int]) -> str:
     """A layer's norm under the name TE's fused linear gives it (``te`` backend state dicts)."""
-    from megatron_vlm.models.cross_attention import CA_TE_NORM_KEYS
-    from megatron_vlm.models.specs import TE_NORM_KEYS
-
     m = re.match(r"(decoder\.layers\.(\d+)\.)(.*)$", key)
     if m:
-        for local, te in (CA_TE_NORM_KEYS if int(m.group(2)) in ca else TE_NORM_KEYS).items():
+        for local, te in te_norm_keys("cross_attention.linear_q" if int(m.group(2)) in ca else "self_attention.linear_qkv").items():
             if m.group(3).startswith(local):
                 return m.group(1) + te + m.group(3)[len(local):]
     return key
@@ -91,7 +90,7 @@ def _local_pairs(config: ModelConfig, hf_vocab: int, backend: str) -> list[mappi
     """``text_pairs`` for an HF vocab of ``hf_vocab``, keyed by language-model-local Megatron names
     and text-model-local HF names."""
     lang = dataclasses.replace(config.language, unpadded_vocab_size=hf_vocab)
-    ca = set(_ca_indices(config))
+    ca = set(layer_indices(config))
     out = []
     for p in text_pairs(dataclasses.replace(config, language=lang)):
         mcore = p.mcore[len(_MAP_MCORE):]
@@ -106,7 +105,7 @@ def hf_text_to_megatron(hf_state_dict: dict, config: ModelConfig, prefix: str = 
     language model, keys prefixed with ``prefix`` (``"language_model."`` loads into
     ``CrossAttentionVLM.load_state_dict(..., strict=False)``; ``""`` into the GPTModel itself)."""
     n_layers = config.language.num_layers
-    ca = set(_ca_indices(config))
+    ca = set(layer_indices(config))
     hf = _text_view(hf_state_dict)
     hf_layers = {int(k.split(".")[1]) for k in hf if k.startswith("layers.")}
     if hf_layers != set(range(n_layers)):

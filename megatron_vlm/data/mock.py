@@ -1,0 +1,41 @@
+"""Deterministic random batches (``--data-path mock``, like Megatron-LM's ``--mock-data``): no files,
+the arch's token layout, loss on the text positions."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_vlm.config import ModelConfig
+from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, VLMBatch
+from megatron_vlm.data.layout import TokenLayout
+
+
+def random_batch(cfg: ModelConfig, batch_size: int, seed: int, image_token_id: int | None = None,
+                 images_per_sample: int = 1, layout: TokenLayout = TokenLayout.INLINE) -> VLMBatch:
+    """``[bos] + image positions + random text`` (``layout`` decides the image positions: the
+    image tokens, or one marker per image with ``text_image_mask`` True after it)."""
+    g = torch.Generator().manual_seed(seed)
+    lang, v = cfg.language, cfg.vision_encoder
+    s = lang.seq_length
+    n_pos = TokenLayout(layout).positions_per_image(cfg) * images_per_sample
+    image_token_id = lang.vocab_size - 1 if image_token_id is None else image_token_id
+    tokens = torch.randint(0, lang.vocab_size - 1, (batch_size, s), generator=g)
+    tokens[tokens == image_token_id] = 0
+    tokens[:, 1:1 + n_pos] = image_token_id
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(batch_size, s)
+    loss_mask[:, :n_pos] = 0  # targets that are image tokens
+    loss_mask[:, -1] = 0
+    modality = torch.full((batch_size, s), TEXT_MODALITY)
+    text_image_mask = None
+    if layout is TokenLayout.INLINE:
+        modality[:, 1:1 + n_pos] = IMAGE_MODALITY
+    else:  # token t may attend image i from its marker (position 1 + i) on
+        text_image_mask = torch.arange(s)[None, :, None] >= 1 + torch.arange(images_per_sample)[None, None, :]
+        text_image_mask = text_image_mask.expand(batch_size, s, images_per_sample).clone()
+    images = torch.randn(batch_size, images_per_sample, 3, v.image_size, v.image_size, generator=g)
+    return VLMBatch(tokens=tokens, labels=labels, loss_mask=loss_mask,
+                    position_ids=torch.arange(s).expand(batch_size, s).clone(),
+                    modality_ids=modality, images=images,
+                    image_mask=torch.ones(batch_size, images_per_sample, dtype=torch.bool),
+                    text_image_mask=text_image_mask)
