@@ -19,7 +19,7 @@ import pkgutil
 from megatron_vlm.archs.spec import ArchSpec, BlockSpecContext, lazy  # noqa: F401
 
 # Designed archs whose packages have not landed yet: a one-line "not implemented yet" for them.
-PLANNED_ARCHS = ("moma", "mot", "mmca")
+PLANNED_ARCHS = ("mot", "mmca")
 
 _REGISTRY: dict[str, ArchSpec] = {}
 _discovered = False

@@ -74,6 +74,8 @@ class ArchSpec:
     * ``place_text_layers(model_config, text_layers) -> [index]``: warm start from a text-only
       decoder of ``text_layers`` layers: sets ``language.num_layers`` and returns where text layer
       ``j`` goes; None = layer ``j`` is layer ``j``.
+    * ``metrics(cfg, prefix) -> dict``: the arch's own metrics since the last call (a collective:
+      every rank calls it after each training iteration and each evaluation), or None.
     """
     name: str
     summary: str
@@ -91,6 +93,10 @@ class ArchSpec:
     conversion_family: str | None = None
     extend_inputs: Callable = _append_tokens
     place_text_layers: Callable[["ModelConfig", int], list[int]] | None = None
+    metrics: Callable[["Config", str], dict] | None = None
+
+    def collect_metrics(self, cfg: "Config", prefix: str = "") -> dict:
+        return self.metrics(cfg, prefix) if self.metrics is not None else {}
 
     def model_cls(self) -> type:
         return lazy(self.model_class)

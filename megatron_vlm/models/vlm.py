@@ -111,6 +111,7 @@ def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=1,  # no experts here (megatron refuses EP > 1 without them)
         sequence_parallel=False,
     )
     return TransformerConfig(**kw)
@@ -132,6 +133,7 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         gated_linear_unit=False,
         pipeline_model_parallel_size=1,
         virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=1,  # no experts here (megatron refuses EP > 1 without them)
         sequence_parallel=False,
     )
     return TransformerConfig(**kw)

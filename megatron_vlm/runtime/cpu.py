@@ -186,6 +186,28 @@ def _patch_tensor_type_strings():
     torch.Tensor.type = type_
 
 
+def _patch_uneven_all_gather():
+    """gloo's ``all_gather`` needs equal shapes on every rank; megatron's
+    ``_gather_along_first_dim(..., output_split_sizes=...)`` (the alltoall MoE dispatcher gathering
+    each rank's routed tokens over the expert-TP group) sends different ones. Pad to the largest,
+    gather, trim (NCCL does this natively)."""
+    original = torch.distributed.all_gather
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        size = max(t.numel() for t in tensor_list)
+        padded = tensor.new_zeros(size)
+        padded[:tensor.numel()] = tensor.reshape(-1)
+        out = [tensor.new_empty(size) for _ in tensor_list]
+        original(out, padded, group=group)
+        for t, o in zip(tensor_list, out):
+            t.copy_(o[:t.numel()].view(t.shape))
+        return None
+
+    torch.distributed.all_gather = all_gather
+
+
 @dataclass(frozen=True)
 class Patch:
     name: str
@@ -200,6 +222,7 @@ PATCHES: tuple[Patch, ...] = (
     Patch("moe_split_sizes", _patch_moe_split_sizes),
     Patch("te_general_gemm", _patch_te_general_gemm),
     Patch("tensor_type_strings", _patch_tensor_type_strings),
+    Patch("uneven_all_gather", _patch_uneven_all_gather),
 )
 
 

@@ -207,6 +207,7 @@ def train(cfg: Config, data) -> TrainResult:
             zero_grads(model_chunks, optimizer)
             losses = forward_backward(model_chunks, micro_batches, seq_length)
             loss = reduce_losses(losses, t.calculate_per_token_loss)
+            arch_metrics = arch.collect_metrics(cfg)
             iteration += 1
             if not math.isfinite(loss):
                 bad_in_a_row += 1
@@ -231,7 +232,7 @@ def train(cfg: Config, data) -> TrainResult:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": t.global_batch_size * cfg.model.language.seq_length / elapsed,
                 "tflops_per_gpu": tflops, "mfu": None if not peak else tflops / peak,
-                "iteration_time_s": elapsed, "skipped_total": skipped_total,
+                "iteration_time_s": elapsed, "skipped_total": skipped_total, **arch_metrics,
             }
             if iteration % t.log_interval == 0 or iteration == t.train_iters:
                 logger.log(record)
@@ -240,9 +241,12 @@ def train(cfg: Config, data) -> TrainResult:
                         f"{tflops:.4f} TFLOP/s/dev" + (f" | MFU {100 * record['mfu']:.2f}%" if peak else ""))
             if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
                 eval_result = evaluate(model_chunks, data.val_batches(num_mb, t.eval_iters), seq_length)
+                eval_result.update(arch.collect_metrics(cfg, "eval_"))
                 logger.log({"iteration": iteration, **eval_result})
+                extra = "".join(f" | {k[5:]} {100 * v:.1f}%" for k, v in eval_result.items()
+                                if k.endswith("_acc") and k.startswith("eval_"))
                 _print0(f"eval @ {iteration}: loss {eval_result['eval_loss']:.4f} | "
-                        f"accuracy {100 * eval_result['eval_accuracy']:.1f}%")
+                        f"accuracy {100 * eval_result['eval_accuracy']:.1f}%" + extra)
             if stop.agreed():
                 stopped = True
                 _print0(f"stop requested (SIGTERM/SIGINT): saving at iteration {iteration}")

@@ -56,8 +56,11 @@ EXPECTED_FAILURES = {
     "tensor_type_strings": ("optimizer", {
         "build": ("TypeError", "Wrapped parameters must be one of torch.cuda.FloatTensor",
                   "optimizer/distrib_optimizer.py:_build_model_and_main_param_groups")}),
+    "uneven_all_gather": ("gather", {
+        "forward": ("RuntimeError", "ProcessGroupGloo::allgather: invalid tensor size",
+                    "tensor_parallel/mappings.py:_gather_along_first_dim")}),
 }
-PROBE_NAMES = ("rng", "gpt", "moe", "optimizer")
+PROBE_NAMES = ("rng", "gpt", "moe", "optimizer", "gather")
 
 
 # ================================================================================================
@@ -282,7 +285,28 @@ def probe_optimizer(rec: Recorder) -> None:
                                        for p, q in zip(model.parameters(), before)))
 
 
-PROBES = {"rng": probe_rng, "gpt": probe_gpt, "moe": probe_moe, "optimizer": probe_optimizer}
+def probe_gather(rec: Recorder) -> None:
+    """megatron's sequence-parallel gather with uneven split sizes (what the alltoall MoE dispatcher
+    does over the expert-TP group): forward = concatenation, backward = this rank's slice."""
+    import torch
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    sizes, rank = [3, 5], torch.distributed.get_rank()
+    x = torch.arange(sizes[rank] * 2, dtype=torch.float32).reshape(sizes[rank], 2).add(100 * rank)
+    x.requires_grad_(True)
+    with rec.check("forward"):
+        out = gather_from_sequence_parallel_region(x, True, torch.distributed.group.WORLD, sizes)
+        expected = torch.cat([torch.arange(n * 2, dtype=torch.float32).reshape(n, 2).add(100 * r)
+                              for r, n in enumerate(sizes)])
+        rec.data["gather_diff"] = (out - expected).abs().max().item()
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        start = sum(sizes[:rank])  # d/dx of the sum over both ranks' identical losses: 2 x weights
+        weights = torch.arange(out.numel()).reshape(out.shape)[start:start + sizes[rank]].float()
+        rec.data["grad_diff"] = (x.grad - 2 * weights).abs().max().item()
+
+
+PROBES = {"rng": probe_rng, "gpt": probe_gpt, "moe": probe_moe, "optimizer": probe_optimizer,
+          "gather": probe_gather}
 
 
 def _rank_main(skip: tuple, probes: tuple, rank: int, port: int, out_path: str) -> None:
@@ -463,6 +487,9 @@ def _check_with_patch(name: str, per_rank: list[dict]) -> None:
         for d in data:
             assert d["out_norm"] > 0 and d["grad_norm"] > 0
             assert d["out_diff"] <= 1e-6 and d["grad_diff"] <= 1e-6, d
+    elif name == "uneven_all_gather":
+        for d in data:
+            assert d["gather_diff"] == 0 and d["grad_diff"] == 0, d
     elif name == "tensor_type_strings":
         for d in data:
             assert d["optimizer_class"] == "DistributedOptimizer" and d["step_ok"]
