@@ -179,6 +179,11 @@ class TrainingConfig:
     fp8_recipe: str = "delayed"       # delayed | tensorwise | mxfp8 | blockwise
     use_distributed_optimizer: bool = True
     calculate_per_token_loss: bool = True  # loss = mean over all loss tokens of the global batch
+    # activation recompute of the language decoder (Megatron-LM's flags): full | selective | None
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None      # full: uniform | block (default uniform)
+    recompute_num_layers: int | None = None  # full: layers per recomputed chunk (uniform) / first N (block); default 1
+    recompute_modules: str | None = None     # selective: comma-separated, e.g. "core_attn,moe" (default core_attn)
     save: str | None = None
     load: str | None = None
     save_interval: int | None = None
@@ -216,6 +221,9 @@ class Config:
 BACKENDS = ("auto", "local", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PROJECTORS = ("mlp", "affine")
 
@@ -464,6 +472,35 @@ def _check_fp8(cfg: Config, machine: bool) -> None:
                              f"(model.backend {m.backend!r} resolves to 'local' here)")
 
 
+def recompute_modules(t: TrainingConfig) -> list[str]:
+    return [m.strip() for m in (t.recompute_modules or "core_attn").split(",") if m.strip()]
+
+
+def _check_recompute(t: TrainingConfig, layers_per_stage: int) -> None:
+    g = t.recompute_granularity
+    _require(g is None or g in RECOMPUTE_GRANULARITIES,
+             f"training.recompute_granularity={g!r}: allowed {list(RECOMPUTE_GRANULARITIES)} (or null)")
+    if g is None:
+        _require(t.recompute_method is None and t.recompute_num_layers is None and t.recompute_modules is None,
+                 "training.recompute_method/num_layers/modules: set training.recompute_granularity (full | selective) too")
+        return
+    if g == "full":
+        _require(t.recompute_method is None or t.recompute_method in RECOMPUTE_METHODS,
+                 f"training.recompute_method={t.recompute_method!r}: allowed {list(RECOMPUTE_METHODS)}")
+        n = t.recompute_num_layers
+        if n is not None:
+            _positive("training.recompute_num_layers", n)
+            _require(n <= layers_per_stage, f"training.recompute_num_layers={n}: at most the "
+                                            f"{layers_per_stage} decoder layers of a pipeline stage")
+        _require(t.recompute_modules is None, "training.recompute_modules: only with recompute_granularity=selective")
+    else:
+        _require(t.recompute_method is None and t.recompute_num_layers is None,
+                 "training.recompute_method/num_layers: only with recompute_granularity=full")
+        bad = [m for m in recompute_modules(t) if m not in RECOMPUTE_MODULES]
+        _require(not bad, f"training.recompute_modules={t.recompute_modules!r}: allowed (comma-separated) "
+                          f"{list(RECOMPUTE_MODULES)}")
+
+
 def validate(cfg: Config, world_size: int | None = None, machine: bool = False) -> Config:
     """Check every cross-field constraint; raise ConfigError (one line) on the first violation.
     The core rules are here; the arch's own come from its ``ArchSpec.validate``. ``machine``: also
@@ -551,6 +588,7 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
     _require(t.lr_decay_style in LR_DECAY_STYLES,
              f"training.lr_decay_style={t.lr_decay_style!r}: allowed {list(LR_DECAY_STYLES)}")
     _check_fp8(cfg, machine)
+    _check_recompute(t, lang.num_layers // pp)
     _require(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and t.lr > 0,
              f"training.lr={t.lr!r}: must be a number > 0")
 
@@ -565,4 +603,8 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
         if ep > 1:
             _require((world_size // pp) % ep == 0,
                      f"parallel.expert_model_parallel_size={ep}: must divide world size / pipeline size = {world_size // pp}")
+            # experts are split over expert-TP (= TP) x EP ranks within each pipeline stage
+            _require((world_size // pp) % (tp * ep) == 0,
+                     f"parallel.expert_model_parallel_size={ep}: tensor x expert parallel = {tp * ep} must divide "
+                     f"world size / pipeline size = {world_size // pp}")
     return cfg

@@ -48,6 +48,10 @@ def _dense_flops(cfg: "Config", global_batch_size: int) -> float:
     return iteration_flops(cfg, global_batch_size)
 
 
+def _same_key(model_config, key: str) -> list[str]:
+    return [key]
+
+
 def _append_tokens(inputs, new_tokens):
     return inputs.append_tokens(new_tokens)
 
@@ -74,6 +78,9 @@ class ArchSpec:
     * ``place_text_layers(model_config, text_layers) -> [index]``: warm start from a text-only
       decoder of ``text_layers`` layers: sets ``language.num_layers`` and returns where text layer
       ``j`` goes; None = layer ``j`` is layer ``j``.
+    * ``from_dense(model_config, key) -> [key]``: where a tensor of a dense decoder (our
+      ``joint_decoder`` names, TP=1) goes in this arch when warm-starting from it (upcycling); one
+      key each by default, several for copies (MoMa: every expert of a MoMa layer).
     * ``metrics(cfg, prefix) -> dict``: the arch's own metrics since the last call (a collective:
       every rank calls it after each training iteration and each evaluation), or None.
     """
@@ -94,6 +101,7 @@ class ArchSpec:
     extend_inputs: Callable = _append_tokens
     place_text_layers: Callable[["ModelConfig", int], list[int]] | None = None
     metrics: Callable[["Config", str], dict] | None = None
+    from_dense: Callable[["ModelConfig", str], list[str]] = _same_key
 
     def collect_metrics(self, cfg: "Config", prefix: str = "") -> dict:
         return self.metrics(cfg, prefix) if self.metrics is not None else {}

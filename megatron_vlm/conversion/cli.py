@@ -6,6 +6,8 @@
         [--vision-path CLIP_OR_SIGLIP_DIR]        # warm start: --hf-path is a LlamaForCausalLM
     convert_checkpoint.py export-hf --load MCORE_DIR --hf-path HF_DIR [--dtype ...]
         [--tokenizer-path TOK_DIR] [--max-shard-size 5GB] [--overwrite]
+    convert_checkpoint.py upcycle --load OUR_DENSE_CKPT --save OUT --arch moma [--set model.moma.experts=...]
+        [--expert-noise 0.0] [--tensor-model-parallel-size T] [--expert-model-parallel-size E]
     convert_checkpoint.py verify --hf-path HF_DIR --load MCORE_DIR [--tensor-model-parallel-size T]
         [--tolerance 1e-4] [--generate N]
 
@@ -80,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("upcycle", help="our dense checkpoint (e.g. joint_decoder) -> another arch (e.g. moma)")
+    common(p)
+    p.add_argument("--load", required=True, help="a checkpoint of ours (any layout)")
+    p.add_argument("--save", required=True)
+    p.add_argument("--expert-noise", type=float, default=0.0,
+                   help="relative std of noise added to each copied expert (0 = exact copies)")
+    p.add_argument("--seed", type=int, default=1234, help="init seed for parameters the target arch adds")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a model config key of the target, e.g. --set model.moma.experts='{image: 2, text: 2}'")
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("verify", help="compare logits of the HF folder and the Megatron checkpoint")
     common(p)
     p.add_argument("--hf-path", required=True)
@@ -101,7 +114,7 @@ def _model_overrides(args) -> dict:
         if not sep or not key.startswith("model."):
             raise ConversionError(f"--set {item!r}: expected model.KEY=VALUE, e.g. model.cross_attention.every=2")
         out[key[len("model."):]] = yaml.safe_load(raw)
-    if args.cross_attention_every is not None:
+    if getattr(args, "cross_attention_every", None) is not None:
         out["cross_attention.every"] = args.cross_attention_every
     return out
 
@@ -183,6 +196,15 @@ def main(argv=None) -> int:
                       vocab_multiple=args.make_vocab_size_divisible_by, vision_path=args.vision_path,
                       seed=args.seed, vision_feature_layer=args.vision_feature_layer,
                       model_overrides=_model_overrides(args))
+        elif args.command == "upcycle":
+            from megatron_vlm.conversion.upcycle import upcycle
+
+            if args.arch is None:
+                return _err("upcycle: --arch is required (the target arch, e.g. moma)")
+            upcycle(args.load, args.save, args.arch, _model_overrides(args),
+                    tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                    ep=args.expert_model_parallel_size, noise=args.expert_noise, seed=args.seed,
+                    overwrite=args.overwrite)
         elif args.command == "export-hf":
             from megatron_vlm.conversion.convert import export_hf
 

@@ -148,7 +148,9 @@ def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch:
                             post_process=True, dtype=dtype)
 
         def stream():
-            yield from hf_to_mcore(language_pairs, lreader.get, dtype)
+            for key, t in hf_to_mcore(language_pairs, lreader.get, dtype):
+                for target in spec.from_dense(mc, key):  # MoMa: the MLP into every expert
+                    yield target, t
             yield from hf_to_mcore(vision_pairs, vreader.get, dtype)
 
         kept = megatron_io.fill_model(model, stream(), allow_missing=True)

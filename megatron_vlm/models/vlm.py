@@ -34,7 +34,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_vlm.archs import ArchSpec, BlockSpecContext, get_arch
-from megatron_vlm.config import Config, ModelConfig, ParallelConfig, VisionConfig
+from megatron_vlm.config import Config, ModelConfig, ParallelConfig, VisionConfig, recompute_modules
 from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, ModelInputs, modality_context
 from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.models import specs
@@ -139,6 +139,16 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
     return TransformerConfig(**kw)
 
 
+def recompute_fields(t) -> dict:
+    """The language decoder's activation-recompute fields of megatron's TransformerConfig."""
+    if t.recompute_granularity is None:
+        return {}
+    if t.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=t.recompute_method or "uniform",
+                    recompute_num_layers=t.recompute_num_layers or 1)
+    return dict(recompute_granularity="selective", recompute_modules=recompute_modules(t))
+
+
 class VLMModel(MegatronModule):
     """Vision encoder -> projector -> language decoder.
 
@@ -159,7 +169,7 @@ class VLMModel(MegatronModule):
         self.backend = self.backend_provider.name
         self.language_config = language_transformer_config(
             mc, parallel, dtype, t.fp8_format, t.fp8_recipe, t.calculate_per_token_loss,
-            **self.arch.transformer_config(mc))
+            **recompute_fields(t), **self.arch.transformer_config(mc))
         super().__init__(config=self.language_config)
         self.cfg = mc
         self.parallel = parallel

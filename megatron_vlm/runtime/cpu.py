@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -132,6 +133,10 @@ def _patch_rng():
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     mrandom._get_cuda_rng_state = get_state
     mrandom._set_cuda_rng_state = set_state
+    # with both streams on the CPU generator, every fork "changes the CPU RNG state": drop that
+    # notice (one log line per dropout/noise fork otherwise)
+    logging.getLogger(mrandom.__name__).addFilter(
+        lambda record: record.getMessage() != "CPU RNG state changed within GPU RNG context")
 
 
 def _patch_streams():

@@ -33,11 +33,25 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def expert_params_apart(model: torch.nn.Module) -> None:
+    """Expert weights always go to megatron's expert gradient buffers and their own optimizer,
+    also at EP=1 (megatron only does so for EP > 1: ``allreduce = not (is_expert and EP > 1)``).
+    At EP=1 the expert data-parallel group is the data-parallel group, so gradients are the same;
+    what it buys is one optimizer layout (dense + experts, chained) at every EP, so a checkpoint
+    saved at EP=2 resumes at EP=1 with its optimizer state and vice versa."""
+    for module in model.modules():
+        if getattr(module, "is_expert", False):
+            for p in module.parameters(recurse=False):
+                p.allreduce = False
+
+
 def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp: bool = True) -> list:
     """The model chunks of this rank (one per virtual pipeline stage), DDP-wrapped if asked."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
+    for c in chunks:
+        expert_params_apart(c)
     if torch.cuda.is_available():  # torch norms, the ViT conv and gates are created on the host
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     if cfg.training.bf16:  # megatron's wrapper: casts the module to bf16, first-stage inputs too

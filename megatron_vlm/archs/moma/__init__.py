@@ -4,6 +4,8 @@ MoMa layer is a set of expert groups, one per modality, with expert-choice sigmo
 group, on megatron-core's ``MoELayer`` with expert parallelism. See ``config.py`` (YAML),
 ``router.py`` (routing, pool, ties, auxiliary routers) and ``layers.py`` (specs, state dict)."""
 
+import re
+
 from megatron_vlm.archs import ArchSpec, register_arch
 from megatron_vlm.archs.moma.config import MoMaConfig, expert_groups, moma_layer_indices, validate
 from megatron_vlm.data.layout import TokenLayout
@@ -37,6 +39,17 @@ def transformer_config(mc) -> dict:
     )
 
 
+_DENSE_MLP = re.compile(r"^(language_model\.decoder\.layers\.(\d+)\.mlp\.)(linear_fc[12]\.weight)$")
+
+
+def from_dense(mc, key: str) -> list[str]:
+    """Upcycling: the dense MLP of a MoMa layer goes to every expert of that layer."""
+    m = _DENSE_MLP.match(key)
+    if not m or int(m.group(2)) not in moma_layer_indices(mc):
+        return [key]
+    return [f"{m.group(1)}experts.local_experts.{e}.{m.group(3)}" for e in range(sum(mc.moma.experts.values()))]
+
+
 def flops(cfg, global_batch_size: int) -> float:
     from megatron_vlm.archs.moma.model import iteration_flops
 
@@ -63,4 +76,5 @@ SPEC = register_arch(ArchSpec(
     homogeneous_layers=False,
     experts=True,
     metrics=routing_metrics,
+    from_dense=from_dense,
 ))
