@@ -56,8 +56,10 @@ def _layers(cfg):
     tcfg = language_transformer_config(mc, cfg.parallel, **transformer_config(mc))
     backend = provider("local")
     moma = build_module(moma_layer_spec(backend, routing_settings(mc)), config=tcfg, layer_number=1)
-    dense_cfg = language_transformer_config(mc, cfg.parallel)
-    dense = build_module(specs.language_layer_spec(backend), config=dense_cfg, layer_number=1)
+    if cfg.parallel.expert_model_parallel_size > 1:
+        return moma, None
+    dense = build_module(specs.language_layer_spec(backend), config=language_transformer_config(mc, cfg.parallel),
+                         layer_number=1)
     return moma, dense
 
 

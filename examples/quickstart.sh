@@ -4,6 +4,8 @@
 #   bash examples/quickstart.sh                       # cross_attention (Llama-3.2-Vision style)
 #   ARCH=joint_decoder bash examples/quickstart.sh    # LLaVA style
 #   ARCH=moma bash examples/quickstart.sh             # MoMa experts, expert parallel EP=2
+#   ARCH=mot bash examples/quickstart.sh              # MoT: per-modality weights, one global attention
+#   ARCH=mmca bash examples/quickstart.sh             # MMCA: multi-modal causal attention
 # Extra arguments go to pretrain_vlm.py, e.g. `--train-iters 300`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +13,7 @@ ARCH=${ARCH:-cross_attention}
 DATA=${DATA:-data/shapes}
 RUN=${RUN:-runs/quickstart_${ARCH}_$(date +%Y%m%d_%H%M%S)}
 CONFIG=examples/configs/quickstart_${ARCH}.yaml
-[ -f "$CONFIG" ] || { echo "quickstart.sh: ARCH=$ARCH has no $CONFIG; allowed: cross_attention, joint_decoder, moma" >&2; exit 2; }
+[ -f "$CONFIG" ] || { echo "quickstart.sh: ARCH=$ARCH has no $CONFIG; allowed: cross_attention, joint_decoder, moma, mot, mmca" >&2; exit 2; }
 
 bash scripts/setup_env.sh
 . .venv/bin/activate

@@ -18,9 +18,6 @@ import pkgutil
 
 from megatron_vlm.archs.spec import ArchSpec, BlockSpecContext, lazy  # noqa: F401
 
-# Designed archs whose packages have not landed yet: a one-line "not implemented yet" for them.
-PLANNED_ARCHS = ("mot", "mmca")
-
 _REGISTRY: dict[str, ArchSpec] = {}
 _discovered = False
 
@@ -48,8 +45,7 @@ def registered_archs() -> dict[str, ArchSpec]:
 def get_arch(name: str) -> ArchSpec:
     archs = registered_archs()
     if name not in archs:
-        hint = " (not implemented yet)" if name in PLANNED_ARCHS else ""
-        raise ValueError(f"model.arch={name!r}{hint}: implemented archs are {sorted(archs)}")
+        raise ValueError(f"model.arch={name!r}: implemented archs are {sorted(archs)}")
     return archs[name]
 
 

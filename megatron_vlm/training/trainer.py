@@ -117,6 +117,10 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "iteration" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, record["iteration"])
+                elif isinstance(v, list):  # per-expert values etc.: one curve per index
+                    for i, x in enumerate(v):
+                        if isinstance(x, (int, float)):
+                            self.tb.add_scalar(f"{k}/{i}", x, record["iteration"])
 
     def close(self) -> None:
         if self.file:

@@ -219,7 +219,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--tensor-model-parallel-size", "3"], "num_attention_heads=4: must be divisible by parallel.tensor_model_parallel_size=3"),
     (["--pipeline-model-parallel-size", "3"], "num_layers=4: must be divisible by parallel.pipeline_model_parallel_size=3"),
     (["--arch", "nope"], "model.arch='nope'"),
-    (["--arch", "mot"], "model.arch='mot': not implemented yet; implemented archs: ['cross_attention', 'joint_decoder']"),
+    (["--arch", "llava"], "model.arch='llava': allowed ['cross_attention', 'joint_decoder', 'mmca', 'moma', 'mot']"),
     (["--global-batch-size", "3"], "training.global_batch_size=3"),
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: needs Transformer Engine"),
     (["--data-path", "/nonexistent/dir"], "--data-path /nonexistent/dir: no train/*.tar shards"),
