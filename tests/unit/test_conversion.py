@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def _warm_start(llama: str, clip: str, siglip: str, work: str) -> dict:
     import_hf(llama, str(work / "jd"), vision_path=clip)
     import_hf(llama, str(work / "ca"), vision_path=siglip, arch="cross_attention",
               model_overrides={"cross_attention.every": 1})
+    import_hf(llama, str(work / "mot"), vision_path=clip, arch="mot")
+    import_hf(llama, str(work / "moma"), vision_path=clip, arch="moma",
+              model_overrides={"moma.experts": {"image": 2, "text": 2}})
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 300, (1, 10), generator=g)
     pos = torch.arange(10)[None]
@@ -108,6 +112,13 @@ def _warm_start(llama: str, clip: str, siglip: str, work: str) -> dict:
         out["ca_layers"] = (cfg.model.language.num_layers, len(ca.cross_attention_layers()))
         siglip_ref = SiglipVisionModel.from_pretrained(siglip).eval()(pixel_values=images[:, 0]).last_hidden_state
         out["siglip_features"] = (ca.vision_model(images[:, 0]) - siglip_ref).abs().max().item()
+        _, mot = load_megatron(str(work / "mot"))  # every modality's copy = Llama: the Llama model on text
+        out["mot_text"] = (mot(ModelInputs(tokens, pos))[..., :300] - ref).abs().max().item()
+        _, moma = load_megatron(str(work / "moma"))  # every expert = the Llama MLP
+        dense = jd.state_dict()
+        diffs = [(v - dense[re.sub(r"experts\.local_experts\.\d+\.", "", k)]).abs().max().item()
+                 for k, v in moma.state_dict().items() if ".experts.local_experts." in k and k.endswith(".weight")]
+        out["moma_experts"] = (len(diffs), max(diffs))
     return out
 
 
@@ -245,5 +256,6 @@ def test_warm_start(tmp_path):
     print(r)
     assert r["jd_layers"] == (2, 2)  # CLIP: 3 layers, features from the 2nd (LLaVA's -2)
     assert r["ca_layers"] == (4, 2)  # 2 Llama layers + 2 cross-attention layers (every=1)
-    for key in ("jd_text", "clip_features", "ca_text", "ca_images", "siglip_features"):
+    for key in ("jd_text", "clip_features", "ca_text", "ca_images", "siglip_features", "mot_text"):
         assert r[key] <= TOL, (key, r[key])
+    assert r["moma_experts"] == (2 * 4 * 2, 0.0)  # 2 layers x 4 experts x (fc1, fc2), exact copies
