@@ -112,3 +112,31 @@ def compare_gradients(cfg: Config, reference_dir: str, other_dirs: list[str]) ->
         nonzero = sum(int(ref[k].abs().max() > 0) for k in ref if ref[k].is_floating_point())
         results.append({"max_rel_diff": worst, "worst": worst_name, "tensors": n, "nonzero_ref": nonzero})
     return results
+
+
+def run_layouts(cfg: Config, micro_batches: list[VLMBatch], root, layouts: dict, init_fn: Callable | None = None,
+                seq_length: Callable[[Config], int] | None = None) -> dict:
+    """The whole parity flow of one arch: the single-rank reference from ``cfg``, then every layout
+    ``{name: (world size, its config)}`` from the reference's weights, then ONE comparison run over
+    all gradient checkpoints plus a control (the weights compared as if they were gradients, which
+    must differ). ``seq_length(layout_cfg)``: the pipeline wire length (default: the text length).
+
+    Returns ``{"ref_loss", "losses": {name: [loss per rank]}, "grads": {name: compare_gradients
+    result}, "control": result}``."""
+    from pathlib import Path
+
+    from megatron_vlm.runtime.spawn import run_distributed
+
+    root = Path(root)
+    weights = str(root / "weights")
+    (ref_loss,) = run_distributed(reference_step, 1, cfg, micro_batches, weights, str(root / "ref"),
+                                  init_fn=init_fn)
+    losses = {}
+    for name, (world, layout_cfg) in layouts.items():
+        length = seq_length(layout_cfg) if seq_length else None
+        losses[name] = run_distributed(parallel_step, world, layout_cfg, micro_batches, weights,
+                                       str(root / name), seq_length=length)
+    (compared,) = run_distributed(compare_gradients, 1, cfg, str(root / "ref"),
+                                  [weights] + [str(root / name) for name in layouts])
+    return {"ref_loss": ref_loss, "losses": losses, "grads": dict(zip(layouts, compared[1:])),
+            "control": compared[0]}

@@ -13,7 +13,6 @@ import copy
 import pytest
 
 from megatron_vlm.testing import parity
-from megatron_vlm.testing.distributed import run_distributed
 from tests.distributed.test_mmca_attention import layout_batch, mmca_config
 
 LOSS_RTOL = 1e-6
@@ -43,28 +42,20 @@ def with_parallel(cfg, tp, pp, sp, recompute):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mmca_parity")
     cfg = mmca_config(layers=4)
     mbs = [layout_batch(cfg, layouts, seed=11 + i) for i, layouts in enumerate(MICRO_BATCH_LAYOUTS)]
-    (ref_loss,) = run_distributed(parity.reference_step, 1, cfg, mbs, str(root / "weights"), str(root / "ref"))
-    losses = {}
-    for name, (world, tp, pp, sp, recompute) in LAYOUTS.items():
-        losses[name] = run_distributed(parity.parallel_step, world, with_parallel(cfg, tp, pp, sp, recompute), mbs,
-                                       str(root / "weights"), str(root / name))
-    (compared,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref"),
-                                  [str(root / "weights")] + [str(root / n) for n in LAYOUTS])
-    return ref_loss, losses, compared[0], dict(zip(LAYOUTS, compared[1:]))
+    layouts = {name: (world, with_parallel(cfg, tp, pp, sp, recompute))
+               for name, (world, tp, pp, sp, recompute) in LAYOUTS.items()}
+    return parity.run_layouts(cfg, mbs, tmp_path_factory.mktemp("mmca_parity"), layouts)
 
 
 def test_comparison_can_fail(runs):
-    _, _, control, _ = runs
-    assert control["max_rel_diff"] > 1e-2, control  # weights are not gradients
+    assert runs["control"]["max_rel_diff"] > 1e-2, runs["control"]  # weights are not gradients
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_matches_single_rank(runs, layout):
-    ref_loss, losses, _, results = runs
-    print(layout, ref_loss, losses[layout], results[layout])
+    ref_loss, losses, results = runs["ref_loss"], runs["losses"], runs["grads"]
     for rank_loss in losses[layout]:
         assert abs(rank_loss - ref_loss) <= LOSS_RTOL * abs(ref_loss), (layout, rank_loss, ref_loss)
     r = results[layout]

@@ -9,43 +9,21 @@ from pathlib import Path
 
 import torch
 
+from megatron_vlm.testing.cli import TINY_ARGV, pretrain, read_checkpoint
 from megatron_vlm.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "--data-path", "mock", "--micro-batch-size", "2", "--global-batch-size", "4", "--num-layers", "2",
-    "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "48",
-    "--seq-length", "24", "--vocab-size", "128", "--set", "model.vision.image_size=8",
-    "--set", "model.vision.patch_size=4", "--set", "model.vision.hidden_size=16",
-    "--set", "model.vision.num_layers=1", "--set", "model.vision.num_attention_heads=2",
-    "--set", "model.vision.ffn_hidden_size=32", "--lr", "1e-3", "--seed", "3", "--transformer-impl", "local",
-    "--log-interval", "1",
-]
-
-
-def _cli(argv):
-    from megatron_vlm.training.cli import run
-
-    return run(argv)
-
-
-def _read(load: str) -> dict:
-    from megatron_vlm.conversion.megatron_io import MegatronReader
-
-    reader = MegatronReader(load)
-    return {k: reader.get(k) for k in reader.model_keys()}
-
-
 def test_upcycle_joint_decoder_into_moma_and_train_at_ep2(tmp_path):
     dense, moma = tmp_path / "dense", tmp_path / "moma"
-    (rc,) = run_distributed(_cli, 1, TINY + ["--arch", "joint_decoder", "--train-iters", "1", "--save", str(dense)])
+    (rc,) = run_distributed(pretrain, 1, TINY_ARGV + ["--arch", "joint_decoder", "--train-iters", "1",
+                                                      "--save", str(dense)])
     assert rc == 0
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "upcycle", "--load", str(dense),
                            "--save", str(moma), "--arch", "moma", "--set", "model.moma.experts={image: 2, text: 2}",
                            "--set", "model.moma.layers=[1]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (d,) = run_distributed(_read, 1, str(dense))
-    (m,) = run_distributed(_read, 1, str(moma))
+    (d,) = run_distributed(read_checkpoint, 1, str(dense))
+    (m,) = run_distributed(read_checkpoint, 1, str(moma))
     layer = "language_model.decoder.layers.{}."
     for fc in ("linear_fc1", "linear_fc2"):
         dense_mlp = d[layer.format(1) + f"mlp.{fc}.weight"]
@@ -60,9 +38,9 @@ def test_upcycle_joint_decoder_into_moma_and_train_at_ep2(tmp_path):
     assert any(k.endswith("mlp.router.weight") for k in added) and any(".router.aux." in k for k in added)
 
     # the upcycled checkpoint trains through pretrain_vlm's path at EP=2
-    argv = TINY + ["--config", str(moma / "iter_0000000" / "config.yaml"), "--load", str(moma),
+    argv = TINY_ARGV + ["--config", str(moma / "iter_0000000" / "config.yaml"), "--load", str(moma),
                    "--expert-model-parallel-size", "2", "--train-iters", "2", "--log-dir", str(tmp_path / "log")]
-    assert run_distributed(_cli, 2, argv) == [0, 0]
+    assert run_distributed(pretrain, 2, argv) == [0, 0]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line).get("loss") is not None]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses)

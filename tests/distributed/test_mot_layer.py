@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_vlm.testing.configs import small_config
+from megatron_vlm.testing.cli import TINY_ARGV, pretrain, read_checkpoint
 from megatron_vlm.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,40 +212,17 @@ def test_warm_start_from_dense_is_the_dense_model(untie_norms):
 # Upcycle a joint_decoder checkpoint (made through pretrain_vlm's path)
 # ------------------------------------------------------------------------------------------------
 
-TINY = [
-    "--data-path", "mock", "--micro-batch-size", "2", "--global-batch-size", "2", "--num-layers", "2",
-    "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "48",
-    "--seq-length", "24", "--vocab-size", "128", "--set", "model.vision.image_size=8",
-    "--set", "model.vision.patch_size=4", "--set", "model.vision.hidden_size=16",
-    "--set", "model.vision.num_layers=1", "--set", "model.vision.num_attention_heads=2",
-    "--set", "model.vision.ffn_hidden_size=32", "--lr", "1e-3", "--seed", "3", "--transformer-impl", "local",
-    "--log-interval", "1",
-]
-
-
-def _cli(argv):
-    from megatron_vlm.training.cli import run
-
-    return run(argv)
-
-
-def _read(load: str) -> dict:
-    from megatron_vlm.conversion.megatron_io import MegatronReader
-
-    reader = MegatronReader(load)
-    return {k: reader.get(k) for k in reader.model_keys()}
-
-
 def test_upcycle_joint_decoder_checkpoint_into_mot(tmp_path):
     dense, mot = tmp_path / "dense", tmp_path / "mot"
-    (rc,) = run_distributed(_cli, 1, TINY + ["--arch", "joint_decoder", "--train-iters", "1", "--save", str(dense)])
+    (rc,) = run_distributed(pretrain, 1, TINY_ARGV + ["--arch", "joint_decoder", "--train-iters", "1",
+                                                      "--save", str(dense)])
     assert rc == 0
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "upcycle", "--load", str(dense),
                            "--save", str(mot), "--arch", "mot"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (d,) = run_distributed(_read, 1, str(dense))
-    (m,) = run_distributed(_read, 1, str(mot))
+    (d,) = run_distributed(read_checkpoint, 1, str(dense))
+    (m,) = run_distributed(read_checkpoint, 1, str(mot))
     layer = "language_model.decoder.layers.{}."
     untied = ["input_layernorm.{}.weight", "self_attention.linear_qkv.{}.weight",
               "self_attention.linear_proj.{}.weight", "pre_mlp_layernorm.{}.weight",

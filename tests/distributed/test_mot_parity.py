@@ -11,9 +11,8 @@ import copy
 import pytest
 
 from megatron_vlm.testing import parity
-from megatron_vlm.testing.batches import random_micro_batches
+from megatron_vlm.testing.batches import pad_right, random_micro_batches
 from megatron_vlm.testing.configs import small_config
-from megatron_vlm.testing.distributed import run_distributed
 
 NUM_MICRO_BATCHES = 2
 LOSS_RTOL = 1e-6
@@ -42,31 +41,19 @@ def with_parallel(cfg, tp, pp, sp):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mot_parity")
     cfg = mot_config()
-    mbs = random_micro_batches(cfg.model, NUM_MICRO_BATCHES, micro_batch_size=2, seed=7)
-    for i, mb in enumerate(mbs):  # right padding in one sample of each micro batch
-        mb.padding_mask = mb.tokens.new_zeros(mb.tokens.shape, dtype=bool)
-        mb.padding_mask[i % 2, -(3 + i):] = True
-        mb.loss_mask[mb.padding_mask] = 0
-    (ref_loss,) = run_distributed(parity.reference_step, 1, cfg, mbs, str(root / "weights"), str(root / "ref"))
-    losses = {}
-    for name, (world, tp, pp, sp) in LAYOUTS.items():
-        losses[name] = run_distributed(parity.parallel_step, world, with_parallel(cfg, tp, pp, sp), mbs,
-                                       str(root / "weights"), str(root / name))
-    (compared,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref"),
-                                  [str(root / "weights")] + [str(root / n) for n in LAYOUTS])
-    return ref_loss, losses, compared[0], dict(zip(LAYOUTS, compared[1:]))
+    mbs = pad_right(random_micro_batches(cfg.model, NUM_MICRO_BATCHES, micro_batch_size=2, seed=7))
+    layouts = {name: (world, with_parallel(cfg, tp, pp, sp)) for name, (world, tp, pp, sp) in LAYOUTS.items()}
+    return parity.run_layouts(cfg, mbs, tmp_path_factory.mktemp("mot_parity"), layouts)
 
 
 def test_comparison_can_fail(runs):
-    _, _, control, _ = runs
-    assert control["max_rel_diff"] > 1e-2, control  # weights are not gradients
+    assert runs["control"]["max_rel_diff"] > 1e-2, runs["control"]  # weights are not gradients
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_parallel_matches_single_rank(runs, layout):
-    ref_loss, losses, _, results = runs
+    ref_loss, losses, results = runs["ref_loss"], runs["losses"], runs["grads"]
     for rank_loss in losses[layout]:
         assert abs(rank_loss - ref_loss) <= LOSS_RTOL * abs(ref_loss), (layout, rank_loss, ref_loss)
     r = results[layout]
@@ -82,22 +69,18 @@ RECOMPUTE = {"full": {"recompute_granularity": "full", "recompute_num_layers": 1
 
 @pytest.fixture(scope="module")
 def recompute_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mot_recompute")
     cfg = mot_config()
     mbs = random_micro_batches(cfg.model, 1, micro_batch_size=2, seed=8)
-    (ref_loss,) = run_distributed(parity.reference_step, 1, cfg, mbs, str(root / "weights"), str(root / "ref"))
-    losses = {}
+    layouts = {}
     for name, fields in RECOMPUTE.items():
-        rcfg = copy.deepcopy(cfg)
+        layouts[name] = (1, copy.deepcopy(cfg))
         for key, value in fields.items():
-            setattr(rcfg.training, key, value)
-        (losses[name],) = run_distributed(parity.parallel_step, 1, rcfg, mbs, str(root / "weights"), str(root / name))
-    (compared,) = run_distributed(parity.compare_gradients, 1, cfg, str(root / "ref"), [str(root / n) for n in RECOMPUTE])
-    return ref_loss, losses, dict(zip(RECOMPUTE, compared))
+            setattr(layouts[name][1].training, key, value)
+    return parity.run_layouts(cfg, mbs, tmp_path_factory.mktemp("mot_recompute"), layouts)
 
 
 @pytest.mark.parametrize("mode", list(RECOMPUTE))
 def test_activation_recompute_gives_the_same_step(recompute_runs, mode):
-    ref_loss, losses, results = recompute_runs
-    assert losses[mode] == ref_loss, (mode, losses[mode], ref_loss)
-    assert results[mode]["max_rel_diff"] <= GRAD_RTOL, results[mode]
+    ref_loss, (loss,), result = recompute_runs["ref_loss"], recompute_runs["losses"][mode], recompute_runs["grads"][mode]
+    assert loss == ref_loss, (mode, loss, ref_loss)
+    assert result["max_rel_diff"] <= GRAD_RTOL, result
