@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: set up .venv, build the synthetic shapes dataset, train a tiny cross-attention VLM
-# on CPU with `mpirun -np 2` (data parallel, gloo), then report validation accuracy vs chance.
+# on CPU with `mpirun -np 2` (data parallel, gloo), then report validation accuracy vs chance and the
+# generative (greedy decoding) accuracy from tools/evaluate.py.
 #   bash examples/quickstart.sh                       # cross_attention (Llama-3.2-Vision style)
 #   ARCH=joint_decoder bash examples/quickstart.sh    # LLaVA style
 #   ARCH=moma bash examples/quickstart.sh             # MoMa experts, expert parallel EP=2
@@ -27,7 +28,8 @@ MPI_FLAGS=(--oversubscribe)
 [ "$(id -u)" = 0 ] && MPI_FLAGS+=(--allow-run-as-root)
 echo "== training ($CONFIG, 2 ranks) -> $RUN"
 start=$(date +%s)
-mpirun "${MPI_FLAGS[@]}" -np 2 -x OMP_NUM_THREADS=1 \
+# Ctrl-C / SIGTERM: the ranks save a checkpoint in $RUN/ckpt and stop (see examples/graceful_stop.sh)
+bash examples/graceful_stop.sh mpirun "${MPI_FLAGS[@]}" -np 2 -x OMP_NUM_THREADS=1 \
   python pretrain_vlm.py --config "$CONFIG" --data-path "$DATA" \
   --save "$RUN/ckpt" --log-dir "$RUN" "$@"
 echo "== trained in $(( $(date +%s) - start )) s; metrics: $RUN/metrics.jsonl, checkpoint: $RUN/ckpt"
@@ -43,3 +45,8 @@ for r in evals:
 print(f"== val answer accuracy {100 * evals[-1]['eval_accuracy']:.1f}% | chance {100 * chance['chance']:.1f}% "
       f"| text-only baseline {100 * chance['text_only']:.1f}%")
 PY
+
+echo "== generative evaluation: tools/evaluate.py (greedy answers, exact match, KV-cached) on $DATA/val"
+mpirun "${MPI_FLAGS[@]}" -np 2 -x OMP_NUM_THREADS=1 \
+  python tools/evaluate.py --load "$RUN/ckpt" --data-path "$DATA" --output "$RUN/evaluate.json"
+echo "== ask the model yourself: python tools/generate.py --load $RUN/ckpt --image $DATA/images/val/000000.jpg --prompt \"how many shapes?\""

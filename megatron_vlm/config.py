@@ -9,7 +9,8 @@ Layout of a YAML file (every key optional; defaults below)::
                patch_size, hidden_dropout, attention_dropout}   # one encoder, or a list of them
       language: {num_layers, hidden_size, num_attention_heads, num_query_groups, ffn_hidden_size,
                  vocab_size, seq_length, rotary_base, rope_scaling_factor,
-                 hidden_dropout, attention_dropout}             # dropout: 0.0 by default
+                 activation, hidden_dropout, attention_dropout} # dropout: 0.0 by default;
+                                                 # activation: silu | gelu | gelu_pytorch_tanh | gelu_new
       <arch section>: {...}          # owned and validated by its arch, e.g.
       cross_attention: {every: 4, layers: null, text_rows_without_image: zero}
       projector: mlp                 # mlp | affine
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -64,10 +66,21 @@ class VisionConfig:
     # a transformers vision tower used as is instead of megatron's CLIP ViT (its HF config dict,
     # e.g. Mllama's 'mllama_vision_model'); see megatron_vlm/models/hf_vision.py
     hf_config: dict | None = None
+    # Mllama tiling: 1 = one centre-cropped image_size tile per image; N > 1 = up to N tiles of
+    # image_size px per image, as Llama-3.2-Vision's processor (needs the wrapped Mllama tower with
+    # max_num_tiles = N; see megatron_vlm/data/tiling.py)
+    max_tiles: int = 1
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patch grid side: the patch-embedding convolution (stride = patch_size) floors, so an
+        image_size that is not a multiple (SigLIP 384 px / 14 px -> 27) leaves its last
+        ``image_size % patch_size`` rows and columns unused, as HF CLIP/SigLIP do."""
+        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.patches_per_side ** 2
 
     @property
     def seq_length(self) -> int:
@@ -88,6 +101,8 @@ class LanguageConfig:
     # context 8192, as in Llama 3.1/3.2); None = plain RoPE
     rope_scaling_factor: float | None = None
     layernorm_epsilon: float = 1e-5
+    # activation of the gated MLP (HF hidden_act): silu (SwiGLU), gelu / gelu_pytorch_tanh / gelu_new (GeGLU)
+    activation: str = "silu"
     hidden_dropout: float = 0.0       # Megatron-LM's --hidden-dropout (its default is 0.1; ours 0.0)
     attention_dropout: float = 0.0    # --attention-dropout
     untie_embeddings_and_output_weights: bool = True
@@ -186,8 +201,11 @@ class TrainingConfig:
     recompute_modules: str | None = None     # selective: comma-separated, e.g. "core_attn,moe" (default core_attn)
     save: str | None = None
     load: str | None = None
+    finetune: bool = False            # --load weights only: iteration 0, fresh optimizer/scheduler/data/RNG
+    load_optim: bool = True           # --no-load-optim: fresh optimizer and LR scheduler
+    load_rng: bool = True             # --no-load-rng: fresh RNG streams
     save_interval: int | None = None
-    keep_last: int | None = None
+    keep_last: int | None = None      # checkpoints kept in --save (newest first); None or 0 = all
     eval_interval: int | None = None
     eval_iters: int = 4
     log_interval: int = 1
@@ -226,6 +244,8 @@ RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 PROJECTORS = ("mlp", "affine")
+# gated-MLP activations of the language decoder (HF hidden_act names; gelu_new = tanh-approximated GELU)
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +303,16 @@ def load_yaml(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--config {where}: invalid YAML ({problem})") from None
+    except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+        raise ConfigError(f"--config {path}: cannot be read as UTF-8 YAML ({type(e).__name__})") from None
     return from_dict(data)
 
 
@@ -317,24 +345,103 @@ FLAG_MAP: dict[str, tuple[str, ...]] = {
 for _f in dataclasses.fields(TrainingConfig):
     FLAG_MAP.setdefault(_f.name, ("training", _f.name))
 
+# --help text of every flag (a flag without one fails tests/unit/test_bad_inputs.py); the allowed
+# values of choice flags are shown as their metavar ({a,b}) and checked by validate()
+FLAG_HELP: dict[str, str] = {
+    "arch": "model arch (model.arch)",
+    "num_layers": "language decoder layers",
+    "hidden_size": "language decoder hidden size",
+    "num_attention_heads": "language decoder attention heads",
+    "num_query_groups": "key/value heads of the language decoder (GQA; default: = heads)",
+    "ffn_hidden_size": "language decoder MLP hidden size",
+    "seq_length": "decoder sequence length in tokens (image tokens included)",
+    "vocab_size": "vocabulary size (raised to the tokenizer's, padded to a multiple of 128)",
+    "tensor_model_parallel_size": "tensor-parallel ranks",
+    "pipeline_model_parallel_size": "pipeline stages",
+    "num_virtual_stages_per_pipeline_rank": "virtual pipeline stages per rank (interleaved schedule)",
+    "expert_model_parallel_size": "expert-parallel ranks (archs with experts)",
+    "context_parallel_size": "context-parallel ranks",
+    "sequence_parallel": "sequence parallelism (needs --tensor-model-parallel-size > 1)",
+    "hidden_dropout": "dropout after attention/MLP of the language decoder, in [0, 1)",
+    "attention_dropout": "attention dropout of the language decoder, in [0, 1)",
+    "freeze_vision": "do not train the vision encoder",
+    "freeze_projector": "do not train the vision -> language projector",
+    "freeze_language": "do not train the language decoder (cross-attention layers included)",
+    "transformer_impl": "layer backend (auto: te when Transformer Engine imports and CUDA is present)",
+    "data_path": "dataset folder with train/ and val/ shards, or 'mock' (random data)",
+    "tokenizer_path": "HF tokenizer folder (default: DATA/tokenizer)",
+    "micro_batch_size": "samples per micro batch per data-parallel rank",
+    "global_batch_size": "samples per iteration over all data-parallel ranks",
+    "train_iters": "iteration to train to",
+    "lr": "peak learning rate (> 0)",
+    "min_lr": "learning rate at the end of the decay, in [0, --lr]",
+    "lr_warmup_iters": "linear warmup iterations (>= 0)",
+    "lr_decay_style": "learning-rate decay after the warmup",
+    "lr_decay_iters": "iterations of warmup + decay (default: --train-iters)",
+    "weight_decay": "Adam weight decay (>= 0)",
+    "adam_beta1": "Adam beta1, in [0, 1)",
+    "adam_beta2": "Adam beta2, in [0, 1)",
+    "clip_grad": "gradient-norm clipping (0 = off)",
+    "seed": "random seed, in [0, 2^32)",
+    "bf16": "bf16 mixed precision",
+    "fp8_format": "FP8 format (Transformer Engine on GPU)",
+    "fp8_recipe": "FP8 scaling recipe",
+    "use_distributed_optimizer": "shard the optimizer state over data-parallel ranks (default on)",
+    "calculate_per_token_loss": "loss = mean over all loss tokens of the global batch (default on)",
+    "recompute_granularity": "activation recompute of the language decoder",
+    "recompute_method": "full recompute: how layers are grouped",
+    "recompute_num_layers": "full recompute: layers per group (uniform) or first N layers (block)",
+    "recompute_modules": "selective recompute: comma-separated modules (core_attn, mlp, moe, moe_act, layernorm)",
+    "save": "checkpoint folder to write (pass the same folder to --load to resume automatically)",
+    "load": "checkpoint folder to resume from (its 'latest' iteration)",
+    "finetune": "with --load: load the weights only; start at iteration 0 with a fresh optimizer, "
+                "LR schedule, data position and RNG",
+    "load_optim": "load the optimizer and LR scheduler state with --load (default on)",
+    "load_rng": "load the RNG state with --load (default on)",
+    "save_interval": "save every N iterations (>= 1; default: only at the end)",
+    "keep_last": "keep the newest N checkpoints in --save (0 = keep all); the one just written is never removed",
+    "eval_interval": "evaluate every N iterations (>= 1; default: never)",
+    "eval_iters": "iterations per evaluation (>= 1)",
+    "log_interval": "log every N iterations (>= 1)",
+    "log_dir": "folder for metrics.jsonl and TensorBoard events",
+    "max_bad_steps": "NaN/Inf losses in a row before stopping (>= 1)",
+    "peak_tflops": "peak TFLOP/s per device for MFU (default: known GPUs; none on CPU)",
+}
+NO_FLAG_HELP = {"use_distributed_optimizer": "replicate the optimizer state on every data-parallel rank",
+                "calculate_per_token_loss": "average the loss per micro batch instead of per token",
+                "load_optim": "with --load: fresh optimizer and LR scheduler (weights, iteration, data kept)",
+                "load_rng": "with --load: fresh RNG state"}
+
+
+def flag_choices(name: str) -> tuple[str, ...] | None:
+    """Allowed values of a choice flag (shown in --help; validate() enforces them)."""
+    if name == "arch":
+        from megatron_vlm.archs import registered_archs
+
+        return tuple(sorted(registered_archs()))
+    return {"transformer_impl": BACKENDS, "lr_decay_style": LR_DECAY_STYLES, "fp8_format": FP8_FORMATS,
+            "fp8_recipe": FP8_RECIPES, "recompute_granularity": RECOMPUTE_GRANULARITIES,
+            "recompute_method": RECOMPUTE_METHODS}.get(name)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-style flags. Every flag defaults to None = 'keep the YAML/default value'."""
     parser.add_argument("--config", type=str, default=None, help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set model.vision.num_layers=4")
-    bool_flags = {"sequence_parallel", "freeze_vision", "freeze_projector", "freeze_language", "bf16",
-                  "use_distributed_optimizer", "calculate_per_token_loss"}
     for name, path in FLAG_MAP.items():
         flag = "--" + name.replace("_", "-")
-        if name in bool_flags:
-            parser.add_argument(flag, action="store_true", default=None)
-            continue
         t = str(_field(path).type)  # the type of the config field the flag sets
+        if t == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=FLAG_HELP.get(name))
+            continue
         conv = int if t.startswith("int") else float if t.startswith("float") else str
-        parser.add_argument(flag, type=conv, default=None)
-    for name in ("use_distributed_optimizer", "calculate_per_token_loss"):
-        parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None)
+        choices = flag_choices(name)
+        parser.add_argument(flag, type=conv, default=None, help=FLAG_HELP.get(name),
+                            metavar="{" + ",".join(choices) + "}" if choices else None)
+    for name, text in NO_FLAG_HELP.items():
+        parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None,
+                            help=text)
     return parser
 
 
@@ -399,7 +506,7 @@ def set_key(cfg: Config, key: str, value: Any, source: str | None = None) -> Non
 
 def from_args(args: argparse.Namespace) -> Config:
     """Config from ``--config`` (or defaults), then flags, then ``--set KEY=VALUE`` overrides."""
-    cfg = load_yaml(args.config) if args.config else Config()
+    cfg = load_yaml(args.config) if args.config is not None else Config()
     for name, path in FLAG_MAP.items():
         value = getattr(args, name, None)
         if value is not None:
@@ -408,7 +515,12 @@ def from_args(args: argparse.Namespace) -> Config:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. model.vision.num_layers=4")
         key, raw = item.split("=", 1)
-        _set_path(cfg, key.split("."), yaml.safe_load(raw), f"--set {item}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item}: the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or 'parse error'})") from None
+        _set_path(cfg, key.split("."), value, f"--set {item}")
     return cfg
 
 
@@ -457,11 +569,11 @@ def _check_fp8(cfg: Config, machine: bool) -> None:
     t, m = cfg.training, cfg.model
     _require(t.fp8_format is None or t.fp8_format in FP8_FORMATS,
              f"training.fp8_format={t.fp8_format!r}: allowed {list(FP8_FORMATS)} (GPU with Transformer Engine)")
+    _require(t.fp8_recipe in FP8_RECIPES, f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
     if t.fp8_format is None:
         return
     _require(m.backend != "local",
              f"training.fp8_format={t.fp8_format!r}: needs model.backend 'te' or 'auto' (Transformer Engine), not 'local'")
-    _require(t.fp8_recipe in FP8_RECIPES, f"training.fp8_recipe={t.fp8_recipe!r}: allowed {list(FP8_RECIPES)}")
     if not machine:
         return
     from megatron_vlm.models.backends import te_available
@@ -472,6 +584,64 @@ def _check_fp8(cfg: Config, machine: bool) -> None:
 
 def recompute_modules(t: TrainingConfig) -> list[str]:
     return [m.strip() for m in (t.recompute_modules or "core_attn").split(",") if m.strip()]
+
+
+def _divisors(value: int, limit: int = 64) -> list[int]:
+    return [d for d in range(1, min(value, limit) + 1) if value % d == 0]
+
+
+def _tp_divisible(field: str, value: int, tp: int, what: str) -> None:
+    """One line when megatron-core cannot split ``field`` over ``tp`` ranks: the field, its value,
+    TP, what megatron splits, and the allowed values (nearest multiples; TP sizes that divide it)."""
+    if value % tp == 0:
+        return
+    lower, upper = value // tp * tp, (value // tp + 1) * tp
+    near = f"{lower} or {upper}" if lower else f"{upper}"
+    raise ConfigError(f"{field}={value}: must be divisible by parallel.tensor_model_parallel_size={tp} "
+                      f"(megatron-core splits {what} over the TP ranks); allowed: a multiple of {tp} "
+                      f"(e.g. {near}), or a tensor_model_parallel_size in {_divisors(value)}")
+
+
+def _check_tensor_parallel_sizes(cfg: Config, encoders: list[tuple[str, VisionConfig]], groups: int) -> None:
+    """Every size megatron-core 0.16 divides by TP (``divide()`` asserts in its tensor-parallel
+    layers, sequence-parallel scatters), checked before building:
+
+    * language decoder: attention heads and query groups (``SelfAttention``; megatron-core would
+      replicate KV heads when TP is a multiple of the groups, but the cross-attention, MoT and MMCA
+      layers split them, so the groups must be divisible by TP), ``ffn_hidden_size``
+      (``linear_fc1`` column- and ``linear_fc2`` row-parallel; MoE experts use the same width with
+      expert TP = TP), ``vocab_size`` (``VocabParallelEmbedding`` / output layer); the projector's
+      widths (``language.hidden_size``) and cross-attention heads / KV heads are these same numbers
+      (``hidden_size`` = heads x head dim is then divisible too);
+    * each megatron vision encoder (CLIP ViT): heads and ``ffn_hidden_size``; wrapped HF towers
+      (``hf_config``) are replicated, not split;
+    * sequence parallelism: ``seq_length`` (split over TP along the sequence; per context-parallel
+      chunk with CP, whose chunks need ``seq_length`` divisible by 2 x CP).
+    Pipeline (layers per stage, virtual stages) and expert (experts per EP rank) sizes are checked
+    beside them in :func:`validate` and the arch rules."""
+    p, lang = cfg.parallel, cfg.model.language
+    tp, cp = p.tensor_model_parallel_size, p.context_parallel_size
+    for section, v in encoders:
+        if v.hf_config is not None:
+            continue
+        _tp_divisible(f"{section}.num_attention_heads", v.num_attention_heads, tp, "the vision attention heads")
+        _tp_divisible(f"{section}.ffn_hidden_size", v.ffn_hidden_size, tp, "the vision MLP")
+    _tp_divisible("model.language.num_attention_heads", lang.num_attention_heads, tp, "the attention heads")
+    _tp_divisible("model.language.num_query_groups", groups, tp, "the key/value heads")
+    _tp_divisible("model.language.ffn_hidden_size", lang.ffn_hidden_size, tp, "the MLP and expert widths")
+    _tp_divisible("model.language.vocab_size", lang.vocab_size, tp, "the embedding and output rows")
+    if cp > 1:
+        _require(lang.seq_length % (2 * cp) == 0,
+                 f"model.language.seq_length={lang.seq_length}: must be divisible by 2 x "
+                 f"parallel.context_parallel_size={cp} (megatron-core's load-balanced context-parallel "
+                 f"chunks); allowed: a multiple of {2 * cp}")
+    if p.sequence_parallel and tp > 1:
+        per_rank = lang.seq_length // cp
+        _require(per_rank % tp == 0,
+                 f"model.language.seq_length={lang.seq_length}: must be divisible by "
+                 f"parallel.tensor_model_parallel_size={tp}" + (f" x context_parallel_size={cp}" if cp > 1 else "")
+                 + f" with sequence_parallel (megatron-core splits the sequence over the TP ranks); "
+                 f"allowed: a multiple of {tp * cp}")
 
 
 def _check_recompute(t: TrainingConfig, layers_per_stage: int) -> None:
@@ -497,6 +667,47 @@ def _check_recompute(t: TrainingConfig, layers_per_stage: int) -> None:
         bad = [m for m in recompute_modules(t) if m not in RECOMPUTE_MODULES]
         _require(not bad, f"training.recompute_modules={t.recompute_modules!r}: allowed (comma-separated) "
                           f"{list(RECOMPUTE_MODULES)}")
+
+
+def _number(name: str, value, lo: float | None = None, hi: float | None = None, hi_open: bool = False,
+            lo_open: bool = False, allowed: str = "") -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    _require(ok, f"{name}={value!r}: must be {allowed}")
+
+
+def _check_training_ranges(cfg: Config) -> None:
+    """Ranges of the optimisation, checkpoint and logging settings (one line each)."""
+    t, m = cfg.training, cfg.model
+    _number("training.lr", t.lr, 0, lo_open=True, allowed="a number > 0")
+    _number("training.min_lr", t.min_lr, 0, t.lr, allowed=f"a number in [0, training.lr={t.lr}]")
+    _number("training.weight_decay", t.weight_decay, 0, allowed="a number >= 0")
+    _number("training.clip_grad", t.clip_grad, 0, allowed="a number >= 0 (0 = no clipping)")
+    for name in ("adam_beta1", "adam_beta2"):
+        _number(f"training.{name}", getattr(t, name), 0, 1, hi_open=True, allowed="a number in [0, 1)")
+    _require(isinstance(t.seed, int) and not isinstance(t.seed, bool) and 0 <= t.seed < 2 ** 32,
+             f"training.seed={t.seed!r}: must be an integer in [0, 2^32)")
+    _require(isinstance(t.lr_warmup_iters, int) and not isinstance(t.lr_warmup_iters, bool)
+             and t.lr_warmup_iters >= 0, f"training.lr_warmup_iters={t.lr_warmup_iters!r}: must be an integer >= 0")
+    for name in ("lr_decay_iters", "save_interval", "eval_interval"):
+        if getattr(t, name) is not None:
+            _positive(f"training.{name}", getattr(t, name))
+    for name in ("eval_iters", "log_interval", "max_bad_steps"):
+        _positive(f"training.{name}", getattr(t, name))
+    if t.keep_last is not None:
+        _require(isinstance(t.keep_last, int) and not isinstance(t.keep_last, bool) and t.keep_last >= 0,
+                 f"training.keep_last={t.keep_last!r}: must be an integer >= 1 (checkpoints kept), or 0 = keep all")
+    if t.peak_tflops is not None:
+        _number("training.peak_tflops", t.peak_tflops, 0, lo_open=True, allowed="a number > 0 (TFLOP/s per device)")
+    for name in ("save", "load", "log_dir"):
+        value = getattr(t, name)
+        _require(value is None or (isinstance(value, str) and value.strip() != ""),
+                 f"training.{name}={value!r}: must be a folder path")
+    _require(not (t.finetune and not t.load), "training.finetune=True (--finetune): needs --load (the checkpoint to start from)")
+    _require(not (m.freeze_vision and m.freeze_projector and m.freeze_language),
+             "model.freeze_vision, freeze_projector and freeze_language are all true: nothing would train; "
+             "unfreeze at least one part")
 
 
 def validate(cfg: Config, world_size: int | None = None, machine: bool = False) -> Config:
@@ -537,12 +748,21 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
         _positive(f"training.{name}", getattr(t, name))
 
     for section, v in encoders:
-        _require(v.image_size % v.patch_size == 0,
-                 f"{section}.image_size={v.image_size}: must be a multiple of {section}.patch_size={v.patch_size}")
+        _require(v.image_size >= v.patch_size,
+                 f"{section}.image_size={v.image_size}: must be at least {section}.patch_size={v.patch_size} "
+                 f"(the patch grid is image_size // patch_size per side)")
+        _positive(f"{section}.max_tiles", v.max_tiles)
+        if v.max_tiles > 1:
+            from megatron_vlm.data.tiling import tiling_problem
+
+            problem = tiling_problem(section, v, arch.token_layout.value)
+            _require(problem is None, str(problem))
     for section, obj in encoders + [("model.language", lang)]:
         _require(obj.hidden_size % obj.num_attention_heads == 0,
                  f"{section}.hidden_size={obj.hidden_size}: must be divisible by "
                  f"{section}.num_attention_heads={obj.num_attention_heads}")
+    _require(lang.activation in GATED_ACTIVATIONS,
+             f"model.language.activation={lang.activation!r}: allowed {list(GATED_ACTIVATIONS)} (gated MLP)")
     if lang.rope_scaling_factor is not None:
         _require(isinstance(lang.rope_scaling_factor, (int, float)) and lang.rope_scaling_factor > 0,
                  f"model.language.rope_scaling_factor={lang.rope_scaling_factor!r}: must be a number > 0 (or null)")
@@ -553,14 +773,7 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
              f"model.language.num_attention_heads={lang.num_attention_heads}")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    for section, obj in encoders + [("model.language", lang)]:
-        _require(obj.num_attention_heads % tp == 0,
-                 f"{section}.num_attention_heads={obj.num_attention_heads}: must be divisible by "
-                 f"parallel.tensor_model_parallel_size={tp}")
-    _require(groups % tp == 0,
-             f"model.language.num_query_groups={groups}: must be divisible by parallel.tensor_model_parallel_size={tp}")
-    _require(lang.vocab_size % tp == 0,
-             f"model.language.vocab_size={lang.vocab_size}: must be divisible by parallel.tensor_model_parallel_size={tp}")
+    _check_tensor_parallel_sizes(cfg, encoders, groups)
     _require(lang.num_layers % pp == 0,
              f"model.language.num_layers={lang.num_layers}: must be divisible by parallel.pipeline_model_parallel_size={pp}")
     vpp = p.virtual_pipeline_model_parallel_size
@@ -589,6 +802,7 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
     _check_recompute(t, lang.num_layers // pp)
     _require(isinstance(t.lr, (int, float)) and not isinstance(t.lr, bool) and t.lr > 0,
              f"training.lr={t.lr!r}: must be a number > 0")
+    _check_training_ranges(cfg)
 
     if world_size is not None:
         mp = tp * pp * p.context_parallel_size

@@ -6,7 +6,9 @@
 
 The manifest is JSONL ({"image": "rel/path.jpg", "text": "..."} or "question" + "answer"; extra
 fields are kept) or CSV with columns image,text; a folder holding manifest.jsonl/.csv works too.
-Images are decode-validated; bad ones are skipped and listed in OUTPUT/report.json.
+Images are decode-validated; bad ones are skipped and listed in OUTPUT/report.json. Upright
+RGB/gray JPEGs are stored as they are; all others as upright 8-bit RGB JPEG (EXIF rotation applied,
+16-bit/float images scaled, transparency composited onto white).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder for the shards, indexes and report.json")
     p.add_argument("--image-root", default=None, help="image paths are relative to this (default: manifest's folder)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded non-JPEG images")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded images (non-JPEG, CMYK, EXIF-rotated; 4:4:4 chroma)")
     p.add_argument("--shuffle-seed", type=int, default=None, help="shuffle the sample order before writing")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --output")
     return p.parse_args(argv)
@@ -48,12 +50,15 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {output}; "
-          f"skipped {len(report.skipped)} (see {output / shards.REPORT_FILE})")
+    if report.written:
+        print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {output}; "
+              f"skipped {len(report.skipped)} (see {output / shards.REPORT_FILE})")
     for row in report.skipped[:10]:
-        print(f"  skipped {row['path']}: {row['reason']}")
+        print(f"  skipped {row['where']} ({row['path']}): {row['reason']}")
     if report.written == 0:
-        print("prepare_data.py: error: no valid samples", file=sys.stderr)
+        kept = any(output.glob(f"{shards.SHARD_PREFIX}-*.tar"))
+        print(f"prepare_data.py: error: no valid samples ({len(report.skipped)} skipped)"
+              + (f"; the shards already in {output} are unchanged" if kept else ""), file=sys.stderr)
         return 1
     return 0
 

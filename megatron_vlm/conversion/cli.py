@@ -40,66 +40,75 @@ def _size(text: str) -> int:
     mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper()]
     if m.group(3) and m.group(3).lower() == "ib":
         mult = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+    value = int(float(m.group(1)) * mult)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Megatron <-> HuggingFace checkpoint conversion")
+    from megatron_vlm.cli_errors import OneLineArgumentParser, float_at_least, int_at_least
+
+    parser = OneLineArgumentParser(prog=PROG, description="Megatron <-> HuggingFace checkpoint conversion")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         p.add_argument("--arch", default=None, help="our arch (checked against the HF architecture / checkpoint)")
-        p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-        p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-        p.add_argument("--expert-model-parallel-size", type=int, default=1)
-        p.add_argument("--dtype", default=None,
+        p.add_argument("--tensor-model-parallel-size", type=int_at_least(1), default=1, help="tensor-parallel ranks")
+        p.add_argument("--pipeline-model-parallel-size", type=int_at_least(1), default=1, help="pipeline stages")
+        p.add_argument("--expert-model-parallel-size", type=int_at_least(1), default=1,
+                       help="expert-parallel ranks (archs with experts)")
+        p.add_argument("--dtype", default=None, metavar="{float32,bfloat16,float16,auto}",
                        help="float32 | bfloat16 | float16 | auto (import: default float32; export: the "
                             "original HF dtype when known, else the checkpoint's)")
 
     p = sub.add_parser("import-hf", help="HF folder -> Megatron dist checkpoint")
     common(p)
-    p.add_argument("--hf-path", required=True)
-    p.add_argument("--save", required=True)
+    p.add_argument("--hf-path", required=True, help="HF model folder (LLaVA, Mllama, or LlamaForCausalLM for a warm start)")
+    p.add_argument("--save", required=True, help="checkpoint folder to write")
     p.add_argument("--vision-path", default=None,
                    help="warm start: CLIPVisionModel / SiglipVisionModel folder (with --hf-path = LlamaForCausalLM)")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+    p.add_argument("--make-vocab-size-divisible-by", type=int_at_least(1), default=128,
                    help="pad the embedding/output rows to a multiple (Megatron-LM's default 128)")
-    p.add_argument("--seed", type=int, default=1234, help="init seed for parameters a warm start adds")
-    p.add_argument("--vision-feature-layer", type=int, default=-2,
-                   help="warm start from CLIP: hidden state used as image features (LLaVA's -2)")
-    p.add_argument("--cross-attention-every", type=int, default=None,
+    p.add_argument("--seed", type=int_at_least(0), default=1234, help="init seed for parameters a warm start adds")
+    p.add_argument("--vision-feature-layer", type=int, default=None,
+                   help="warm start from CLIP (--vision-path): hidden state used as image features "
+                        "(default -2, LLaVA's)")
+    p.add_argument("--cross-attention-every", type=int_at_least(1), default=None,
                    help="warm start into cross_attention: one CA layer per this many self-attention "
                         "layers (= --set model.cross_attention.every=N; default 4)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="warm start: set a model config key, e.g. --set model.cross_attention.every=2")
-    p.add_argument("--overwrite", action="store_true")
+                   help="set a model config key, e.g. --set model.cross_attention.every=2 (warm start) "
+                        "or --set model.vision.max_tiles=4 (Mllama: train on tiled images)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save folder")
 
     p = sub.add_parser("export-hf", help="Megatron dist checkpoint (any TP/PP) -> HF folder")
     common(p)
-    p.add_argument("--load", required=True)
-    p.add_argument("--hf-path", required=True)
+    p.add_argument("--load", required=True, help="checkpoint folder of ours")
+    p.add_argument("--hf-path", required=True, help="HF folder to write")
     p.add_argument("--tokenizer-path", default=None, help="copy tokenizer/processor files from this folder")
-    p.add_argument("--max-shard-size", type=_size, default=_size("5GB"))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-shard-size", type=_size, default=_size("5GB"), help="largest safetensors file (e.g. 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-path folder")
 
     p = sub.add_parser("upcycle", help="our dense checkpoint (e.g. joint_decoder) -> another arch (e.g. moma)")
     common(p)
     p.add_argument("--load", required=True, help="a checkpoint of ours (any layout)")
-    p.add_argument("--save", required=True)
-    p.add_argument("--expert-noise", type=float, default=0.0,
+    p.add_argument("--save", required=True, help="checkpoint folder to write")
+    p.add_argument("--expert-noise", type=float_at_least(0.0), default=0.0,
                    help="relative std of noise added to each copied expert (0 = exact copies)")
-    p.add_argument("--seed", type=int, default=1234, help="init seed for parameters the target arch adds")
+    p.add_argument("--seed", type=int_at_least(0), default=1234, help="init seed for parameters the target arch adds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set a model config key of the target, e.g. --set model.moma.experts='{image: 2, text: 2}'")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save folder")
 
     p = sub.add_parser("verify", help="compare logits of the HF folder and the Megatron checkpoint")
     common(p)
-    p.add_argument("--hf-path", required=True)
-    p.add_argument("--load", required=True)
-    p.add_argument("--tolerance", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--hf-path", required=True, help="HF model folder")
+    p.add_argument("--load", required=True, help="checkpoint folder of ours")
+    p.add_argument("--tolerance", type=float_at_least(0.0, strict=True), default=1e-4,
+                   help="largest max-abs logit difference that passes")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the sample image and text")
+    p.add_argument("--generate", type=int_at_least(0), default=0, metavar="N",
                    help="also compare N greedy tokens (HF generate vs our model)")
     return parser
 
@@ -117,6 +126,30 @@ def _model_overrides(args) -> dict:
     if getattr(args, "cross_attention_every", None) is not None:
         out["cross_attention.every"] = args.cross_attention_every
     return out
+
+
+def _preflight(args) -> None:
+    """Cheap checks of every flag before any work (one-line ConversionError)."""
+    from megatron_vlm.cli_errors import check_output_folder
+
+    for name, value in vars(args).items():
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise ConversionError(f"--{name.replace('_', '-')}: an empty value")
+    if args.arch is not None:
+        from megatron_vlm.archs import registered_archs
+
+        if args.arch not in registered_archs():
+            raise ConversionError(f"--arch {args.arch}: allowed {sorted(registered_archs())}")
+    tok = getattr(args, "tokenizer_path", None)
+    if tok is not None and not os.path.isdir(tok):
+        raise ConversionError(f"--tokenizer-path {tok}: no such folder")
+    outputs = {"import-hf": ("--save", "save"), "upcycle": ("--save", "save"), "export-hf": ("--hf-path", "hf_path")}
+    if args.command in outputs:
+        flag, attr = outputs[args.command]
+        try:
+            check_output_folder(flag, getattr(args, attr))
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
 
 
 def _err(msg: str) -> int:
@@ -142,6 +175,9 @@ def run_verify(args) -> int:
             "seed": args.seed, "generate": args.generate}
     ranks = spec["tp"] * spec["pp"]
     launch = detect()
+    from megatron_vlm.conversion.verify import check_pair
+
+    check_pair(args.hf_path, args.load)  # one family, before any rank starts
     if launch.world_size == 1 and ranks > 1:
         from megatron_vlm.runtime.spawn import SpawnError, run_distributed
 
@@ -184,12 +220,18 @@ def main(argv=None) -> int:
     try:
         from megatron_vlm.conversion import hf_io
 
+        _preflight(args)
         if args.command == "verify":
             return run_verify(args)
         dtype = hf_io.parse_dtype(args.dtype)
         if args.command == "import-hf":
             from megatron_vlm.conversion.convert import import_hf
 
+            if args.vision_feature_layer is not None and not args.vision_path:
+                return _err(f"--vision-feature-layer {args.vision_feature_layer}: only for a warm start "
+                            f"(with --vision-path)")
+            if args.vision_feature_layer is None:
+                args.vision_feature_layer = -2
             import_hf(args.hf_path, args.save, tp=args.tensor_model_parallel_size,
                       pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
                       dtype=dtype, arch=args.arch, overwrite=args.overwrite,

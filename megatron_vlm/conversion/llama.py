@@ -8,6 +8,8 @@ Key map (``{i}`` megatron layer, ``{j}`` HF layer; megatron prefix ``language_mo
     decoder.layers.{i}.self_attention.linear_proj layers.{j}.self_attn.o_proj.weight
     decoder.layers.{i}.pre_mlp_layernorm.weight   layers.{j}.post_attention_layernorm.weight
     decoder.layers.{i}.mlp.linear_fc1.weight      layers.{j}.mlp.{gate,up}_proj.weight       GateUp
+                                                  (hidden_act <-> language.activation: silu, gelu,
+                                                  gelu_pytorch_tanh, gelu_new)
     decoder.layers.{i}.mlp.linear_fc2.weight      layers.{j}.mlp.down_proj.weight
     decoder.final_layernorm.weight                norm.weight
     output_layer.weight                           lm_head.weight               PadRows (untied only)
@@ -15,7 +17,7 @@ Key map (``{i}`` megatron layer, ``{j}`` HF layer; megatron prefix ``language_mo
 
 from __future__ import annotations
 
-from megatron_vlm.config import LanguageConfig
+from megatron_vlm.config import GATED_ACTIVATIONS, LanguageConfig
 from megatron_vlm.conversion.mapping import (GATE_UP, QKV, ConversionError, Pair, PadRows, Rule,
                                              expand)
 
@@ -112,8 +114,8 @@ def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
     if mt not in model_types:
         raise ConversionError(f"{where}.model_type={mt!r}: supported text decoders: {list(model_types)}")
     act = getattr(tc, "hidden_act", "silu")
-    if act != "silu":
-        raise ConversionError(f"{where}.hidden_act={act!r}: our decoder uses SwiGLU (silu) only")
+    if act not in GATED_ACTIVATIONS:  # megatron-core's gated MLP takes any; these are mapped
+        raise ConversionError(f"{where}.hidden_act={act!r}: allowed for the gated MLP {list(GATED_ACTIVATIONS)}")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(tc, flag, False):
             raise ConversionError(f"{where}.{flag}=True: our Llama decoder has no biases")
@@ -134,7 +136,7 @@ def language_config_from_hf(tc, vocab_multiple: int = DEFAULT_VOCAB_MULTIPLE,
         unpadded_vocab_size=tc.vocab_size,
         seq_length=min(tc.max_position_embeddings, max_seq_length), rotary_base=theta,
         rope_scaling_factor=rope_factor,
-        layernorm_epsilon=tc.rms_norm_eps, untie_embeddings_and_output_weights=not tie)
+        layernorm_epsilon=tc.rms_norm_eps, untie_embeddings_and_output_weights=not tie, activation=act)
 
 
 def language_config_to_hf(lang: LanguageConfig, base: dict | None = None, **extra):
@@ -148,7 +150,7 @@ def language_config_to_hf(lang: LanguageConfig, base: dict | None = None, **extr
         num_hidden_layers=lang.num_layers, num_attention_heads=lang.num_attention_heads,
         num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
         head_dim=lang.hidden_size // lang.num_attention_heads, vocab_size=hf_vocab_size(lang),
-        rms_norm_eps=lang.layernorm_epsilon, hidden_act="silu", attention_bias=False, mlp_bias=False,
+        rms_norm_eps=lang.layernorm_epsilon, hidden_act=lang.activation, attention_bias=False, mlp_bias=False,
         tie_word_embeddings=not lang.untie_embeddings_and_output_weights,
         rope_parameters=rope_parameters(lang),
     )

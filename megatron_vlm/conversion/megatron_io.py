@@ -81,11 +81,52 @@ def fill_model(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
     return missing
 
 
-def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None) -> Path:
-    """Write ``save_dir/iter_0000000`` + ``latest`` with the training checkpoint contract."""
+def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None,
+               consume: bool = False) -> Path:
+    """Write ``save_dir/iter_0000000`` + ``latest`` with the training checkpoint contract.
+    ``consume``: the model is not used after the save (see :func:`release_views_on_save`)."""
     from megatron_vlm.training.checkpointing import save_checkpoint
 
+    if consume:
+        release_views_on_save(model)
     return Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {}))
+
+
+def release_views_on_save(model: torch.nn.Module) -> None:
+    """Make the model's next ``sharded_state_dict`` hand megatron's writer contiguous copies of the
+    tensors it would otherwise copy itself, releasing each parameter's memory once its pieces
+    are copied: the model is unusable after the save.
+
+    megatron's checkpoint writer clones every tensor that is a view of a larger storage (SwiGLU's
+    ``linear_fc1`` is saved as two halves), all before writing: peak memory = model + every fc1.
+    Copying one parameter's pieces at a time and then freeing the parameter keeps it at model +
+    one parameter."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    build = model.sharded_state_dict
+
+    def sharded_state_dict(*args, **kwargs):
+        sd = build(*args, **kwargs)
+        apply_factories(sd)  # e.g. the SwiGLU split: views of the parameter
+        by_storage: dict[int, list] = {}
+        for t in nested_values(sd):
+            if isinstance(t, ShardedTensor) and isinstance(t.data, torch.Tensor) and t.data.device.type == "cpu":
+                by_storage.setdefault(t.data.untyped_storage().data_ptr(), []).append(t)
+        for pieces in by_storage.values():
+            storage = pieces[0].data.untyped_storage()
+            if all(storage.nbytes() == t.data.numel() * t.data.element_size() for t in pieces):
+                continue  # whole tensors: the writer takes them as they are
+            for t in pieces:
+                t.data = t.data.detach().clone()
+            try:
+                storage.resize_(0)  # the parameter's memory (every tensor using it was copied)
+            except RuntimeError:  # not resizable (not allocated by torch): keep it
+                pass
+        del model.sharded_state_dict  # back to the class's method
+        return sd
+
+    model.sharded_state_dict = sharded_state_dict
 
 
 def log(msg: str) -> None:

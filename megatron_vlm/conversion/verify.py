@@ -63,7 +63,7 @@ def load_megatron(load: str, tp: int = 1, pp: int = 1, dtype: torch.dtype = torc
     except ConfigError as e:
         raise ConversionError(f"--tensor-model-parallel-size {tp}: {e}") from None
     megatron_io.ensure_runtime(tp, pp)
-    model = build_model(cfg, pre_process=True, post_process=True, dtype=dtype)
+    model = build_model(cfg, pre_process=True, post_process=True, dtype=dtype, init_weights=False)
     load_checkpoint(load, [model], strict=True, load_rng=False)
     model.eval()
     return cfg, model
@@ -89,14 +89,40 @@ def _rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def check_pair(hf_path: str, load: str) -> None:
+    """The HF folder and the checkpoint are of one family (cheap: reads their configs only);
+    ConversionError (one line) otherwise."""
+    import json
+
+    from megatron_vlm.training.checkpointing import read_config
+
+    cfg_file = Path(hf_path, "config.json")
+    if not cfg_file.is_file():
+        raise ConversionError(f"--hf-path {hf_path}: not an HF folder (no config.json)")
+    try:
+        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+    except (ValueError, UnicodeDecodeError):
+        raise ConversionError(f"{cfg_file}: not valid JSON") from None
+    try:
+        raw = read_config(load)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConversionError(f"--load {load}: {e}") from None
+    if not raw:
+        raise ConversionError(f"--load {load}: no config.yaml in the latest checkpoint")
+    arch = (raw.get("model") or {}).get("arch", "joint_decoder")
+    family = family_for_arch(arch)
+    if archs and not set(archs) & set(family.hf_architectures):
+        raise ConversionError(f"--hf-path {hf_path} holds {archs[0]} but --load {load} is a {arch} checkpoint "
+                              f"(HF {family.hf_architectures[0]}): verify compares one family")
+
+
 @torch.no_grad()
 def verify(hf_path: str, load: str, tp: int = 1, pp: int = 1, tolerance: float = 1e-4,
            dtype: torch.dtype | None = None, seed: int = 0, text_len: int = 12,
            generate: int = 0) -> VerifyResult | None:
     """Compare logits (and, with ``generate``, greedy tokens); the result on rank 0, None elsewhere."""
     dtype = dtype or torch.float32
-    if not Path(hf_path, "config.json").is_file():
-        raise ConversionError(f"--hf-path {hf_path}: not an HF folder (no config.json)")
+    check_pair(hf_path, load)
     cfg, model = load_megatron(load, tp, pp, dtype)
     family = family_for_arch(cfg.model.arch)
     v = hf_vocab_size(cfg.model.language)

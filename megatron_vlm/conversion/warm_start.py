@@ -41,6 +41,15 @@ def _llama_rename(key: str) -> str:
     return key
 
 
+def apply_model_overrides(mc: ModelConfig, overrides: dict | None) -> None:
+    """``{dotted model config key: value}`` (``--set model.KEY=VALUE``) into ``mc``."""
+    for key, value in (overrides or {}).items():
+        try:
+            set_key(Config(model=mc), f"model.{key}", value, f"model.{key}")
+        except ConfigError as e:
+            raise ConversionError(str(e)) from None
+
+
 def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch: str | None = None,
                       tp: int = 1, pp: int = 1, ep: int = 1, dtype: torch.dtype | None = None,
                       overwrite: bool = False, vocab_multiple: int = 128, seed: int = 1234,
@@ -98,11 +107,7 @@ def import_warm_start(llama_path: str, vision_path: str | None, save: str, arch:
 
     mc = ModelConfig(arch=arch, vision=[vision], language=language, projector="mlp",
                      drop_vision_class_token=drop_cls)
-    for key, value in (model_overrides or {}).items():
-        try:
-            set_key(Config(model=mc), f"model.{key}", value, f"model.{key}")
-        except ConfigError as e:
-            raise ConversionError(str(e)) from None
+    apply_model_overrides(mc, model_overrides)
     from megatron_vlm.archs import get_arch
 
     try:

@@ -5,6 +5,7 @@
 * ``tokenizer``     Tokenizer (HF ``tokenizer.json`` + special tokens), ``train_bpe``
 * ``samples``       token layout per arch, collation into VLMBatch
 * ``dali_pipeline`` the DALI graphs
+* ``tiling``        Mllama image tiles (grid choice as transformers' processor, the DALI piece)
 * ``dali_loader``   DaliLoader (data-parallel, resumable), ``build_loaders(cfg, ...)``
 * ``synthetic``     the seeded shapes dataset (``tools/make_synthetic_dataset.py``)
 

@@ -10,7 +10,13 @@ Shapes (b = micro batch, s = sequence length, n = images per sample, C/H/W = ima
                                     padding and prompt tokens that are not trained on.
 * ``position_ids``  [b, s]  int64
 * ``modality_ids``  [b, s]  int64   0 = image token, 1 = text token (padding counts as text).
-* ``images``        [b, n, C, H, W] float32, normalised with the vision encoder's mean/std.
+* ``images``        [b, n, C, H, W] float32, normalised with the vision encoder's mean/std;
+                    tiled (Mllama, ``model.vision.max_tiles = T > 1``): [b, n, T, C, H, W], the
+                    tiles of each image in row-major order, unused tiles 0.
+* ``aspect_ratio_ids``  [b, n] int64 (tiled only) Mllama's: 1 + the image's tile grid among the
+                    supported grids, 0 = no image (``megatron_vlm.data.tiling``).
+* ``aspect_ratio_mask`` [b, n, T] bool (tiled only) True on the image's real tiles; with
+                    ``text_image_mask`` it gives Mllama's ``cross_attention_mask`` [b, s, n, T].
 * ``image_mask``    [b, n]  bool    True where an image is present (False = padded image slot).
 * ``text_image_mask`` [b, s, n] bool (``marker`` layout) True where text token t may attend
                                     image i (Mllama's ``cross_attention_mask`` before tiling).
@@ -64,6 +70,8 @@ class ModelInputs:
     padding_mask: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     cross_attention_states: torch.Tensor | None = None
+    aspect_ratio_ids: torch.Tensor | None = None
+    aspect_ratio_mask: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.position_ids is None:
@@ -101,6 +109,8 @@ class VLMBatch:
     image_mask: torch.Tensor | None
     text_image_mask: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
+    aspect_ratio_ids: torch.Tensor | None = None
+    aspect_ratio_mask: torch.Tensor | None = None
 
     def to(self, device) -> "VLMBatch":
         return _map_tensors(self, lambda t: t.to(device))
@@ -109,7 +119,8 @@ class VLMBatch:
         """What the model gets (everything but ``loss_mask``); labels only if ``with_labels``."""
         return ModelInputs(tokens=self.tokens, position_ids=self.position_ids, modality_ids=self.modality_ids,
                            images=self.images, image_mask=self.image_mask, text_image_mask=self.text_image_mask,
-                           padding_mask=self.padding_mask, labels=self.labels if with_labels else None)
+                           padding_mask=self.padding_mask, labels=self.labels if with_labels else None,
+                           aspect_ratio_ids=self.aspect_ratio_ids, aspect_ratio_mask=self.aspect_ratio_mask)
 
     def micro_batches(self, micro_batch_size: int) -> list["VLMBatch"]:
         """Split along the batch axis into micro batches of ``micro_batch_size``."""

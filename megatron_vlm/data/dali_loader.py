@@ -53,7 +53,7 @@ def data_parallel_rank_and_size() -> tuple[int, int]:
 
 
 def image_spec(vision: VisionConfig) -> ImageSpec:
-    return ImageSpec(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std))
+    return ImageSpec(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std), vision.max_tiles)
 
 
 class DaliLoader:
@@ -114,16 +114,18 @@ class DaliLoader:
 
     # ---- iteration ------------------------------------------------------------------------------
     def next_batch(self) -> VLMBatch:
-        """The next micro batch: tokens etc. [micro_batch_size, seq_length], images [b, 1, 3, S, S]."""
+        """The next micro batch: tokens etc. [micro_batch_size, seq_length], images [b, 1, 3, S, S]
+        (tiled: [b, 1, T, 3, S, S] with aspect-ratio ids and tile masks)."""
         if self.batch_in_epoch == self.batches_per_epoch:
             self.epoch, self.batch_in_epoch, self._pipe = self.epoch + 1, 0, None
         if self._pipe is None:
             self._open()
-        images, meta = self._pipe.run()
+        *images, meta = self._pipe.run()
         self.batch_in_epoch += 1
         records = json_records(meta)
         self.last_keys = [r.get("key", "") for r in records]
-        return self.builder.collate(records, to_torch(images))
+        grid = to_torch(images[1]) if len(images) > 1 else None  # tiled: (tiles down, across) per image
+        return self.builder.collate(records, to_torch(images[0]), grid)
 
     def __iter__(self):
         return self

@@ -5,6 +5,11 @@ num_shards=dp_size``) -> decode the centre square (``"cpu"`` without CUDA, ``"mi
 -> resize to ``image_size`` x ``image_size`` (equivalent to: shorter side to ``image_size``, centre
 crop) -> normalise with mean/std (given on the 0..1 scale, applied to 0..255 pixels) -> float32
 CHW. Outputs: images ``[b, 3, image_size, image_size]`` and the raw json bytes of each sample.
+With ``ImageSpec.max_tiles > 1`` (Mllama tiling, :mod:`megatron_vlm.data.tiling`) it decodes the
+whole image, resizes it to its tile grid's canvas, pads, normalises and splits it: outputs tiles
+``[b, max_tiles, 3, S, S]``, the grid ``[b, 2]`` (tiles down, across) and the json bytes.
+
+``decode_images``: the same preprocessing for image files given as bytes (generation).
 
 ``reader_pipeline``: the same reader alone. It advances the reader cheaply (no decoding) to resume
 mid-epoch; :func:`transplant_reader_state` then moves its reader state into an image pipeline's
@@ -52,6 +57,7 @@ class ImageSpec:
     image_size: int
     mean: tuple[float, float, float]  # 0..1 scale
     std: tuple[float, float, float]
+    max_tiles: int = 1  # > 1: Mllama tiling (megatron_vlm/data/tiling.py), training shards only
 
 
 def default_device_id() -> int | None:
@@ -65,9 +71,9 @@ def _pipeline_kwargs(batch_size: int, num_threads: int, device_id: int | None, s
                 prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=checkpoint)
 
 
-@pipeline_def
-def _image_graph(reader: ReaderSpec, image: ImageSpec, decode_device: str):
-    encoded, meta = reader.read()
+def _preprocess(encoded, image: ImageSpec, decode_device: str):
+    """Encoded images -> normalised float32 CHW ``[3, S, S]`` (the graph every image of the project
+    goes through: training, evaluation, generation)."""
     # centre square of side min(H, W), decoded as a region of interest, then resized to S x S:
     # the same pixels as "resize the shorter side to S, centre crop S x S", with less decoding
     height_width = fn.peek_image_shape(encoded, dtype=types.FLOAT)[0:2]
@@ -76,9 +82,39 @@ def _image_graph(reader: ReaderSpec, image: ImageSpec, decode_device: str):
                                     crop_w=side, crop_h=side, crop_pos_x=0.5, crop_pos_y=0.5)
     size = image.image_size
     images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      mean=[255.0 * m for m in image.mean], std=[255.0 * s for s in image.std])
-    return images, meta
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255.0 * m for m in image.mean], std=[255.0 * s for s in image.std])
+
+
+@pipeline_def
+def _image_graph(reader: ReaderSpec, image: ImageSpec, decode_device: str):
+    encoded, meta = reader.read()
+    if image.max_tiles > 1:
+        from megatron_vlm.data.tiling import dali_tiles
+
+        tiles, grid = dali_tiles(encoded, decode_device, image.image_size, image.max_tiles, image.mean, image.std)
+        return tiles, grid, meta
+    return _preprocess(encoded, image, decode_device), meta
+
+
+@pipeline_def
+def _encoded_graph(image: ImageSpec, decode_device: str, source):
+    return _preprocess(fn.external_source(source=source, batch=True, dtype=types.UINT8), image, decode_device)
+
+
+def decode_images(encoded: list[bytes], image: ImageSpec, num_threads: int = 1,
+                  device_id: int | None = None) -> torch.Tensor:
+    """Encoded image files (bytes) -> ``[n, 3, S, S]`` float32, exactly as training preprocesses its
+    shards (one DALI batch; decoding errors are DALI's: check files before)."""
+    batch = [np.frombuffer(b, dtype=np.uint8) for b in encoded]
+    pipe = _encoded_graph(image, "cpu" if device_id is None else "mixed", lambda: batch,
+                          batch_size=len(batch), num_threads=num_threads, device_id=device_id,
+                          prefetch_queue_depth=1)
+    pipe.build()
+    (images,) = pipe.run()
+    out = to_torch(images)
+    del pipe
+    return out
 
 
 @pipeline_def
@@ -89,7 +125,8 @@ def _reader_graph(reader: ReaderSpec):
 
 def image_pipeline(reader: ReaderSpec, image: ImageSpec, batch_size: int, num_threads: int,
                    device_id: int | None, checkpoint: bytes | None = None):
-    """A built image pipeline; ``run()`` -> (images TensorList [b, 3, S, S] float32, json TensorList)."""
+    """A built image pipeline; ``run()`` -> (images TensorList [b, 3, S, S] float32, json TensorList),
+    or (tiles [b, T, 3, S, S], grid [b, 2] int64, json) with ``image.max_tiles = T > 1``."""
     pipe = _image_graph(reader, image, "cpu" if device_id is None else "mixed",
                         **_pipeline_kwargs(batch_size, num_threads, device_id, reader.seed, checkpoint))
     pipe.build()

@@ -19,7 +19,8 @@ def random_batch(cfg: ModelConfig, batch_size: int, seed: int, image_token_id: i
     s = lang.seq_length
     n_pos = TokenLayout(layout).positions_per_image(cfg) * images_per_sample
     image_token_id = lang.vocab_size - 1 if image_token_id is None else image_token_id
-    tokens = torch.randint(0, lang.vocab_size - 1, (batch_size, s), generator=g)
+    high = min(lang.vocab_size - 1, lang.unpadded_vocab_size or lang.vocab_size)  # no padded vocab ids
+    tokens = torch.randint(0, high, (batch_size, s), generator=g)
     tokens[tokens == image_token_id] = 0
     tokens[:, 1:1 + n_pos] = image_token_id
     labels = torch.roll(tokens, -1, dims=1)
@@ -33,9 +34,19 @@ def random_batch(cfg: ModelConfig, batch_size: int, seed: int, image_token_id: i
     else:  # token t may attend image i from its marker (position 1 + i) on
         text_image_mask = torch.arange(s)[None, :, None] >= 1 + torch.arange(images_per_sample)[None, None, :]
         text_image_mask = text_image_mask.expand(batch_size, s, images_per_sample).clone()
-    images = torch.randn(batch_size, images_per_sample, 3, v.image_size, v.image_size, generator=g)
+    ratio_ids = ratio_mask = None
+    if v.max_tiles > 1:  # Mllama tiling: a random grid per image, unused tiles 0
+        from megatron_vlm.data.tiling import aspect_ratio_ids, supported_grids, tile_mask
+
+        grids = torch.tensor(supported_grids(v.max_tiles))
+        grid = grids[torch.randint(0, len(grids), (batch_size, images_per_sample), generator=g)]
+        ratio_ids, ratio_mask = aspect_ratio_ids(grid, v.max_tiles), tile_mask(grid, v.max_tiles)
+        images = torch.randn(batch_size, images_per_sample, v.max_tiles, 3, v.image_size, v.image_size,
+                             generator=g) * ratio_mask[..., None, None, None]
+    else:
+        images = torch.randn(batch_size, images_per_sample, 3, v.image_size, v.image_size, generator=g)
     return VLMBatch(tokens=tokens, labels=labels, loss_mask=loss_mask,
                     position_ids=torch.arange(s).expand(batch_size, s).clone(),
                     modality_ids=modality, images=images,
                     image_mask=torch.ones(batch_size, images_per_sample, dtype=torch.bool),
-                    text_image_mask=text_image_mask)
+                    text_image_mask=text_image_mask, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask)

@@ -108,8 +108,18 @@ class SequenceBuilder:
         trained = ([False] * (len(self.prefix) + len(prompt)) + [True] * len(target))[:self.seq_length]
         return EncodedSample(tokens, trained)
 
-    def collate(self, records: list[dict], images: torch.Tensor) -> VLMBatch:
-        """``records``: b json records; ``images``: [b, C, H, W] float32 -> VLMBatch (one image each)."""
+    def prompt_tokens(self, prompt: str, num_images: int = 1) -> list[int]:
+        """What generation conditions on: the layout's prefix for ``num_images`` images (bos, then
+        each image's positions) and the prompt text, cleaned and encoded as :meth:`encode` does
+        (no truncation); the model continues with the target."""
+        text = text_parts({"question": prompt, "answer": ""}).prompt
+        return ([self.tok.bos_id] + [self.image_token_id] * self.num_image_positions * num_images
+                + (self.tok.encode(text) if text else []))
+
+    def collate(self, records: list[dict], images: torch.Tensor, grid: torch.Tensor | None = None) -> VLMBatch:
+        """``records``: b json records; ``images``: [b, C, H, W] float32 -> VLMBatch (one image each).
+        Tiled (Mllama): ``images`` [b, T, C, H, W] and ``grid`` [b, 2] (tiles down, across) -> images
+        [b, 1, T, C, H, W] with ``aspect_ratio_ids`` [b, 1] and ``aspect_ratio_mask`` [b, 1, T]."""
         b, s = len(records), self.seq_length
         if images.shape[0] != b:
             raise ValueError(f"{images.shape[0]} images for {b} records")
@@ -133,8 +143,16 @@ class SequenceBuilder:
         else:
             text_image_mask = torch.zeros(b, s, 1, dtype=torch.bool)
             text_image_mask[:, 1:] = True
+        ratio_ids = ratio_mask = None
+        if grid is not None:
+            from megatron_vlm.data.tiling import aspect_ratio_ids, tile_mask
+
+            grid = grid.to("cpu")
+            ratio_ids = aspect_ratio_ids(grid, images.shape[1])[:, None].to(images.device)
+            ratio_mask = tile_mask(grid, images.shape[1])[:, None].to(images.device)
         return VLMBatch(tokens=tokens_t, labels=labels, loss_mask=loss_mask,
                         position_ids=torch.arange(s, dtype=torch.int64).expand(b, s).clone(),
                         modality_ids=modality, images=images.unsqueeze(1),
                         image_mask=torch.ones(b, 1, dtype=torch.bool, device=images.device),
-                        text_image_mask=text_image_mask, padding_mask=torch.from_numpy(padding))
+                        text_image_mask=text_image_mask, padding_mask=torch.from_numpy(padding),
+                        aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask)

@@ -11,8 +11,10 @@ Manifests: JSONL, one ``{"image": "rel/path.jpg", "text": "..."}`` object per li
 ``"question"`` + ``"answer"`` instead of ``"text"``; extra fields are kept), or CSV with at least the
 columns ``image`` and ``text``. Image paths are relative to the image root (default: the manifest's
 folder). Every image is decode-validated (PIL ``verify()`` and a full ``load()``); unreadable,
-corrupt or missing images are skipped and listed in ``report.json``, never written. JPEGs
-(RGB/grayscale) are stored byte for byte, everything else is re-encoded as RGB JPEG. Files appear
+corrupt or missing images are skipped and listed in ``report.json``, never written. Upright JPEGs
+(RGB/grayscale, no EXIF rotation) are stored byte for byte; everything else is stored as the upright
+8-bit RGB pixels re-encoded as JPEG (EXIF orientation applied, 16-bit and float images scaled to
+0..255, transparency composited onto white: see :func:`_to_rgb`). Files appear
 under their final names only when complete (temporary name, then rename).
 """
 
@@ -28,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from PIL import Image, ImageFile
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
 
 SHARD_PREFIX = "shard"
 INDEX_VERSION = "v1.2"
 REPORT_FILE = "report.json"
+STAGING_DIR = ".staging"  # build_shards writes here, then moves the shards into place
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.csv")
 
 
@@ -96,28 +100,43 @@ def resolve_manifest(path: str | os.PathLike) -> Path:
 def read_manifest(path: str | os.PathLike) -> list[ManifestEntry]:
     """Records of a JSONL or CSV manifest; malformed lines become entries with ``error`` set."""
     path = resolve_manifest(path)
+    lines, bad = _utf8_lines(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"image", "text"} - set(reader.fieldnames or [])
-            if missing:
-                raise ValueError(f"manifest {path}: CSV needs the columns image,text (missing {sorted(missing)})")
-            return [ManifestEntry(f"{path}:{i}", dict(row)) for i, row in enumerate(reader, start=2)]
-    entries = []
-    with open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+        reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+        missing = {"image", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"manifest {path}: CSV needs the columns image,text (missing {sorted(missing)})")
+        rows = [ManifestEntry(f"{path}:{reader.line_num}", dict(row)) for row in reader]
+        return sorted(rows + bad, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+    entries = list(bad)
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            entries.append(ManifestEntry(f"{path}:{i}", None, f"invalid JSON: {e.msg}"))
+            continue
+        if not isinstance(record, dict):
+            entries.append(ManifestEntry(f"{path}:{i}", None, "not a JSON object"))
+            continue
+        entries.append(ManifestEntry(f"{path}:{i}", record))
+    return sorted(entries, key=lambda e: int(e.where.rsplit(":", 1)[1]))
+
+
+def _utf8_lines(path: Path) -> tuple[list[str], list[ManifestEntry]]:
+    """The manifest's lines decoded as UTF-8; a line that is not UTF-8 becomes an empty line and an
+    entry with ``error`` set (skipped and listed in the report, like a bad image)."""
+    lines, bad = [], []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                entries.append(ManifestEntry(f"{path}:{i}", None, f"invalid JSON: {e.msg}"))
-                continue
-            if not isinstance(record, dict):
-                entries.append(ManifestEntry(f"{path}:{i}", None, "not a JSON object"))
-                continue
-            entries.append(ManifestEntry(f"{path}:{i}", record))
-    return entries
+                lines.append(raw.decode("utf-8-sig" if i == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                lines.append("\n")
+                bad.append(ManifestEntry(f"{path}:{i}", None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} "
+                                                              f"at column {e.start + 1})"))
+    return lines, bad
 
 
 def record_problem(record: dict) -> str | None:
@@ -135,19 +154,69 @@ def record_problem(record: dict) -> str | None:
 # Images
 # ------------------------------------------------------------------------------------------------
 
+# Alpha (RGBA, LA, PA, P with a transparent colour) is composited onto WHITE: transparent pixels
+# become white, half-transparent ones a blend (value * a + 255 * (1 - a)), as a browser shows them.
+BACKGROUND = (255, 255, 255)
+ORIENTATION_TAG = 0x0112  # EXIF orientation; 1 (or absent) = stored upright
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(ORIENTATION_TAG, 1) or 1)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        return 1
+
+
+def _sample_range(im: Image.Image) -> float:
+    """The value that means full intensity for a one-channel high-bit-depth image (modes I;16*,
+    I, F): 65535 for 16-bit, 2^bits - 1 (2^(bits-1) - 1 signed) for an integer TIFF of its
+    BitsPerSample, and for float images 1.0 when every value is in [0, 1], else 255 when every value
+    is in [0, 255]; other float images have no known scale (:class:`BadImage`)."""
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    if im.mode == "I":
+        tags = getattr(im, "tag_v2", None) or {}
+        bits = tags.get(258, (16,))
+        bits = int(bits[0] if isinstance(bits, (tuple, list)) else bits)
+        signed = tags.get(339, (1,))
+        signed = (signed[0] if isinstance(signed, (tuple, list)) else signed) == 2
+        return float(2 ** (bits - 1 if signed else bits) - 1)
+    lo, hi = im.getextrema()
+    if lo >= 0 and hi <= 1:
+        return 1.0
+    if lo >= 0 and hi <= 255:
+        return 255.0
+    raise BadImage(f"float image (mode F) with values in [{lo:g}, {hi:g}]: no known scale "
+                   "(expected 0..1 or 0..255)")
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB; transparent pixels composited on white."""
-    if im.mode == "P" and "transparency" in im.info:
+    """8-bit RGB of an image in any mode PIL opens, upright: EXIF orientation applied;
+    high-bit-depth gray (I;16*, I, F) scaled to 0..255 by :func:`_sample_range` (PIL's own
+    ``convert`` would clip it: a 16-bit PNG became white); alpha composited onto :data:`BACKGROUND`;
+    every other mode through PIL's ``convert`` (16-bit RGB(A) PNGs PIL already reduces to 8 bits)."""
+    # the scale before the transpose, which drops a TIFF's tags (its bit depth)
+    full = _sample_range(im) if im.mode.startswith("I") or im.mode == "F" else None
+    if _orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    if full is not None:
+        values = np.asarray(im, dtype=np.float64) * (255.0 / full)
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # mode L
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("PA", "RGBa", "La"):
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", im.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return im.convert("RGB")
 
 
 def jpeg_bytes(path: Path, quality: int = 95) -> bytes:
-    """JPEG bytes of a fully decodable image file; raises :class:`BadImage` with the reason."""
+    """JPEG bytes of a fully decodable image file; raises :class:`BadImage` with the reason.
+    Upright RGB/grayscale JPEGs are kept byte for byte; everything else (other modes, EXIF
+    orientation != 1, other formats) is converted by :func:`_to_rgb` and re-encoded, so the shards
+    hold upright 8-bit pixels that any decoder reads the same way."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -161,11 +230,13 @@ def jpeg_bytes(path: Path, quality: int = 95) -> bytes:
             im.verify()
         with Image.open(io.BytesIO(raw)) as im:
             im.load()
-            if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            if im.format == "JPEG" and im.mode in ("RGB", "L") and _orientation(im) == 1:
                 return raw
             out = io.BytesIO()
-            _to_rgb(im).save(out, format="JPEG", quality=quality)
+            _to_rgb(im).save(out, format="JPEG", quality=quality, subsampling=0)  # 4:4:4: no chroma blur
             return out.getvalue()
+    except BadImage:
+        raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, bomb errors)
         raise BadImage(f"not a decodable image ({type(e).__name__}: {e})") from None
 
@@ -262,8 +333,12 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
     """Validate every entry's image and write the good ones into shards under ``output``.
 
     ``shuffle_seed`` shuffles the sample order before writing (DALI shuffles only within a buffer).
-    Existing shards in ``output`` are an error unless ``overwrite`` (then they are removed first).
+    Existing shards in ``output`` are an error unless ``overwrite``. The new shards are built in
+    ``output/.staging/`` and replace the old ones only when the build succeeded with at least one
+    sample: a failed or empty build leaves ``output`` as it was.
     """
+    import shutil
+
     output, image_root = Path(output), Path(image_root)
     check_build_args(shard_size, output, quality)
     if not image_root.is_dir():
@@ -273,13 +348,15 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
     if old and not overwrite:
         raise FileExistsError(f"output {output}: already holds shards ({old[0].name}, ...); "
                               "pass overwrite=True / --overwrite to replace them")
-    for path in old:
-        path.unlink()
     entries = list(entries)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(entries)
     report = BuildReport()
-    writer = ShardWriter(output, shard_size, prefix)
+    staging = output / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted build
+    staging.mkdir()
+    writer = ShardWriter(staging, shard_size, prefix)
     try:
         for entry in entries:
             try:
@@ -293,8 +370,21 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
         writer.close()
     except BaseException:
         writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     report.shards = writer.shards
+    if report.written == 0 and old:  # nothing to replace them with: keep the old shards
+        shutil.rmtree(staging, ignore_errors=True)
+        return report
+    new_names = set()
+    for name in writer.shards:  # the index first: a visible .tar always has its .idx
+        for f in (Path(name).with_suffix(".idx").name, name):
+            os.replace(staging / f, output / f)
+            new_names.add(f)
+    for path in old:
+        if path.name not in new_names:
+            path.unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
     _write_json(output / REPORT_FILE, report.to_dict(shard_size))
     return report
 
@@ -346,6 +436,33 @@ def list_shards(folder: str | os.PathLike) -> list[ShardInfo]:
         if not idx.is_file():
             raise FileNotFoundError(f"shard {tar}: no index {idx.name} (rebuild with tools/prepare_data.py)")
         shards.append(ShardInfo(tar, idx, index_count(idx)))
+    return shards
+
+
+def check_shards(folder: str | os.PathLike) -> list[ShardInfo]:
+    """:func:`list_shards`, and every shard is as long as its index says (a truncated or damaged
+    shard or index is named in a one-line ValueError, before any reader opens it)."""
+    shards = []
+    for tar in sorted(Path(folder).glob("*.tar")):
+        idx = tar.with_suffix(".idx")
+        if not idx.is_file():
+            raise FileNotFoundError(f"shard {tar}: no index {idx.name} (rebuild with tools/prepare_data.py)")
+        try:
+            lines = [ln for ln in idx.read_text().splitlines() if ln.strip()]
+            count = _index_count(lines[0], idx)
+            ends = [int(parts[i + 1]) + int(parts[i + 2]) for ln in lines[1:1 + count]
+                    for parts in [ln.split()] for i in range(0, len(parts), 4)]
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise ValueError(f"index {idx}: damaged (rebuild the shards with tools/prepare_data.py)") from None
+        if len(lines) - 1 < count:
+            raise ValueError(f"index {idx}: lists {len(lines) - 1} of its {count} samples (truncated)")
+        size = tar.stat().st_size
+        if ends and max(ends) > size:
+            raise ValueError(f"shard {tar}: truncated ({size} bytes, its index needs {max(ends)}); "
+                             "rebuild it with tools/prepare_data.py")
+        shards.append(ShardInfo(tar, idx, count))
+    if not shards:
+        raise FileNotFoundError(f"shard folder {folder}: no *.tar shards (build them with tools/prepare_data.py)")
     return shards
 
 

@@ -10,10 +10,14 @@ like any other vision parameter.
 Contract (what ``VLMModel.encode_images`` expects of a vision model): ``forward(images [B, 3, H, W])``
 -> features ``[B, k, output_size]``; ``output_size`` feeds the projector.
 
-Mllama: each image is one tile (aspect ratio 1x1, ``aspect_ratio_id`` of ``[1, 1]``), the other
-``max_num_tiles - 1`` tiles are padding the HF model masks out, exactly as the HF processor does
-for an image that fits one tile; k = ``(image_size / patch_size)^2 + 1`` (class token kept).
-Multi-tile images would need the data layer to deliver tiles and aspect ratios (not supported).
+Mllama, single tile (``model.vision.max_tiles: 1``, images ``[B, 3, H, W]``): each image is one
+tile (aspect ratio 1x1, ``aspect_ratio_id`` of ``[1, 1]``), the other ``max_num_tiles - 1`` tiles
+are padding the HF model masks out, exactly as the HF processor does for an image that fits one
+tile; features ``[B, k, output_size]``, k = ``(image_size // patch_size)^2 + 1`` (class token kept).
+Tiled (``max_tiles = max_num_tiles = T``, images ``[B, T, 3, H, W]`` with ``aspect_ratio_ids`` [B]
+and ``aspect_ratio_mask`` [B, T], see ``megatron_vlm.data.tiling``): HF's ``pixel_values`` as is;
+features ``[B, T, k, output_size]`` of every tile, padded ones included (the cross-attention mask
+hides them, as HF's ``cross_attention_mask`` does).
 
 SigLIP (``siglip_vision_model``, warm start from a ``SiglipVisionModel``) is wrapped the same way
 until a megatron-core SigLIP port (``CLIPViTModel(model_subtype="siglip")``) is wired in.
@@ -57,7 +61,16 @@ class MllamaVisionEncoder(torch.nn.Module):
             raise ValueError("mllama vision: supported_aspect_ratios lacks [1, 1] (single-tile images)")
         self.aspect_ratio_id = 1 + ratios.index([1, 1])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if images.dim() == 5:  # tiled
+            b, t = images.shape[:2]
+            if t != self.max_num_tiles or aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError(f"mllama vision: tiled images {tuple(images.shape)} need {self.max_num_tiles} "
+                                 f"tiles (the tower's max_num_tiles), aspect_ratio_ids and aspect_ratio_mask")
+            out = self.hf(pixel_values=images[:, None], aspect_ratio_ids=aspect_ratio_ids.reshape(b, 1).long(),
+                          aspect_ratio_mask=aspect_ratio_mask.reshape(b, 1, t).long())
+            return out.last_hidden_state[:, 0]  # [b, T, k, output_size]
         b = images.shape[0]
         pixel_values = images.new_zeros(b, 1, self.max_num_tiles, *images.shape[1:])
         pixel_values[:, 0, 0] = images
@@ -70,7 +83,8 @@ class MllamaVisionEncoder(torch.nn.Module):
 
 class SiglipVisionEncoder(torch.nn.Module):
     """SigLIP (``siglip_vision_model``, built without the pooling head): features = its
-    ``last_hidden_state`` (after ``post_layernorm``), ``k = (image_size / patch_size)^2``, no class token."""
+    ``last_hidden_state`` (after ``post_layernorm``), ``k = (image_size // patch_size)^2`` (the grid
+    floors: 384 px / 14 px -> 27 x 27), no class token."""
 
     def __init__(self, hf_config: dict, dtype: torch.dtype = torch.float32):
         super().__init__()

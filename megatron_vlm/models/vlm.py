@@ -22,6 +22,8 @@ Pipeline parallel: the vision encoder and projector live on the first stage (vir
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -39,6 +41,16 @@ from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, ModelInputs, 
 from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.models import specs
 from megatron_vlm.models.backends import backend_provider
+from megatron_vlm.models.vocab import install_padded_vocab_mask
+
+
+def _no_hf_init():
+    """transformers' context that skips weight initialisation (the weights are loaded next)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None = None,
@@ -65,11 +77,28 @@ def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None
     )
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """Tanh-approximated GELU (HF ``gelu_pytorch_tanh``; ``gelu_new`` is the same formula)."""
+    return F.gelu(x, approximate="tanh")
+
+
+GATED_ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh}
+
+
+def gated_activation(name: str):
+    """The torch function of a gated-MLP activation name (``config.GATED_ACTIVATIONS``): megatron-core's
+    MLP with ``gated_linear_unit=True`` computes ``act(x W_gate) * (x W_up)``."""
+    if name not in GATED_ACTIVATION_FUNCTIONS:
+        raise ValueError(f"model.language.activation={name!r}: allowed {list(GATED_ACTIVATION_FUNCTIONS)}")
+    return GATED_ACTIVATION_FUNCTIONS[name]
+
+
 def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
                                 dtype: torch.dtype = torch.float32, fp8: str | None = None,
                                 fp8_recipe: str = "delayed", calculate_per_token_loss: bool = False,
                                 **overrides) -> TransformerConfig:
-    """Llama-style decoder: RMSNorm, SwiGLU, no biases, RoPE (set on the GPTModel); ``overrides``
+    """Llama-style decoder: RMSNorm, gated MLP (SwiGLU or GeGLU: ``language.activation``), no
+    biases, RoPE (set on the GPTModel); ``overrides``
     are the arch's own fields (``ArchSpec.transformer_config``)."""
     lang = cfg.language
     kw = _common_config(parallel, dtype, fp8, fp8_recipe, calculate_per_token_loss)
@@ -84,7 +113,7 @@ def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         normalization="RMSNorm",
         layernorm_epsilon=lang.layernorm_epsilon,
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=gated_activation(lang.activation),
         add_bias_linear=False,
         sequence_parallel=parallel.sequence_parallel,
     )
@@ -94,7 +123,7 @@ def language_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
 
 def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
                               dtype: torch.dtype = torch.float32, fp8: str | None = None,
-                              fp8_recipe: str = "delayed") -> TransformerConfig:
+                              fp8_recipe: str = "delayed", **overrides) -> TransformerConfig:
     """CLIP-style ViT: LayerNorm, quick-GELU MLP with biases. Never pipeline-split (first stage)."""
     kw = _common_config(parallel, dtype, fp8, fp8_recipe)
     kw.update(
@@ -114,11 +143,12 @@ def vision_transformer_config(v: VisionConfig, parallel: ParallelConfig,
         expert_model_parallel_size=1,  # no experts here (megatron refuses EP > 1 without them)
         sequence_parallel=False,
     )
+    kw.update(overrides)
     return TransformerConfig(**kw)
 
 
 def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
-                                 dtype: torch.dtype = torch.float32) -> TransformerConfig:
+                                 dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
     """Two-layer GELU MLP vision_hidden -> lm_hidden -> lm_hidden (LLaVA's projector)."""
     kw = _common_config(parallel, dtype)
     kw.update(
@@ -136,6 +166,7 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
         expert_model_parallel_size=1,  # no experts here (megatron refuses EP > 1 without them)
         sequence_parallel=False,
     )
+    kw.update(overrides)
     return TransformerConfig(**kw)
 
 
@@ -153,7 +184,8 @@ class VLMModel(MegatronModule):
     """Vision encoder -> projector -> language decoder.
 
     ``forward(inputs: ModelInputs, inference_context=None, runtime_gather_output=None)`` with
-    ``inputs.tokens`` ``[b, s]`` and ``inputs.images`` ``[b, n, 3, H, W]`` returns the per-token loss
+    ``inputs.tokens`` ``[b, s]`` and ``inputs.images`` ``[b, n, 3, H, W]`` (tiled Mllama:
+    ``[b, n, T, 3, H, W]`` + ``aspect_ratio_ids``/``aspect_ratio_mask``) returns the per-token loss
     ``[b, s]`` when ``inputs.labels`` is given (last stage), logits ``[b, s, vocab/tp]`` without
     labels, or the hidden states ``[s(/tp), b, h]`` on a non-last pipeline stage.
     """
@@ -162,14 +194,15 @@ class VLMModel(MegatronModule):
 
     def __init__(self, cfg: Config, *, pre_process: bool = True, post_process: bool = True,
                  vp_stage: int | None = None, dtype: torch.dtype = torch.float32,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, init_weights: bool = True):
         mc, parallel, t = cfg.model, cfg.parallel, cfg.training
+        init = {} if init_weights else {"perform_initialization": False}
         self.arch = get_arch(mc.arch)
         self.backend_provider = backend_provider(mc.backend)
         self.backend = self.backend_provider.name
         self.language_config = language_transformer_config(
             mc, parallel, dtype, t.fp8_format, t.fp8_recipe, t.calculate_per_token_loss,
-            **recompute_fields(t), **self.arch.transformer_config(mc))
+            **recompute_fields(t), **self.arch.transformer_config(mc), **init)
         super().__init__(config=self.language_config)
         self.cfg = mc
         self.parallel = parallel
@@ -190,16 +223,20 @@ class VLMModel(MegatronModule):
             if v.hf_config is not None:  # a transformers vision tower, used as is (e.g. Mllama's)
                 from megatron_vlm.models.hf_vision import build_hf_vision_encoder
 
-                self.vision_model = build_hf_vision_encoder(v.hf_config, dtype)
+                with contextlib.nullcontext() if init_weights else _no_hf_init():
+                    self.vision_model = build_hf_vision_encoder(v.hf_config, dtype)
             else:
                 norm = self.backend_provider.layer_norm()
                 self.vision_model = CLIPViTModel(
-                    vision_transformer_config(v, parallel, dtype, t.fp8_format, t.fp8_recipe),
+                    vision_transformer_config(v, parallel, dtype, t.fp8_format, t.fp8_recipe, **init),
                     specs.vision_layer_spec(self.backend_provider), ln_pre_impl=norm,
                     ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
-                    patch_dim=v.patch_size, img_h=v.image_size, img_w=v.image_size)
+                    # the conv stem floors the grid; megatron asserts a multiple, so give it the
+                    # covered size (the images themselves stay image_size px)
+                    patch_dim=v.patch_size, img_h=v.patches_per_side * v.patch_size,
+                    img_w=v.patches_per_side * v.patch_size)
             self.vision_projection = MultimodalProjector(
-                projector_transformer_config(mc, parallel, dtype),
+                projector_transformer_config(mc, parallel, dtype, **init),
                 specs.projector_submodules(self.backend_provider), mc.projector,
                 getattr(self.vision_model, "output_size", v.hidden_size))
             if mc.projector == "affine" and hasattr(self.vision_projection.encoder, "skip_bias_add"):
@@ -207,6 +244,7 @@ class VLMModel(MegatronModule):
                 # shard (shape error at TP > 1): add the bias before the gather instead
                 self.vision_projection.encoder.skip_bias_add = False
         self.language_model = self.build_language_model()
+        install_padded_vocab_mask(self.language_model, mc.language)  # padded ids: out of the softmax
         self.freeze(vision=mc.freeze_vision, projector=mc.freeze_projector,
                     language=mc.freeze_language)
 
@@ -267,13 +305,21 @@ class VLMModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images ``[b, n, 3, H, W]`` -> projected features ``[b, n, k, h_lm]`` (k tokens per image)."""
+    def encode_images(self, images: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
+                      aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """images ``[b, n, 3, H, W]`` -> projected features ``[b, n, k, h_lm]`` (k tokens per image).
+        Tiled (Mllama tower): images ``[b, n, T, 3, H, W]`` + ``aspect_ratio_ids`` ``[b, n]`` and
+        ``aspect_ratio_mask`` ``[b, n, T]`` -> ``[b, n, T*k, h_lm]`` (tile-major)."""
         b, n = images.shape[:2]
         images = images.to(next(self.vision_model.parameters()).dtype)
-        feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
+        if images.dim() == 6:
+            feats = self.vision_model(images.reshape(b * n, *images.shape[2:]), aspect_ratio_ids.reshape(b * n),
+                                      aspect_ratio_mask.reshape(b * n, -1))  # [b*n, T, s_v, h_v]
+        else:
+            feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
         if self.cfg.vision_encoder.add_class_token and self.cfg.drop_vision_class_token:
-            feats = feats[:, 1:]
+            feats = feats[..., 1:, :]
+        feats = feats.reshape(b * n, -1, feats.shape[-1])
         feats = self.vision_projection(feats.transpose(0, 1).contiguous())  # [k, b*n, h_lm]
         return feats.transpose(0, 1).reshape(b, n, -1, feats.shape[-1])
 
@@ -300,7 +346,7 @@ class VLMModel(MegatronModule):
     def forward(self, inputs: ModelInputs, inference_context=None, runtime_gather_output=None):
         image_embeddings = None
         if self.add_encoder and inputs.images is not None:
-            image_embeddings = self.encode_images(inputs.images)
+            image_embeddings = self.encode_images(inputs.images, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=inputs.tokens,
@@ -314,8 +360,11 @@ class VLMModel(MegatronModule):
 
 def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: bool | None = None,
                 vp_stage: int | None = None, dtype: torch.dtype | None = None,
-                image_token_id: int | None = None) -> VLMModel:
-    """The arch's model for this pipeline stage (stage flags default to megatron's parallel_state)."""
+                image_token_id: int | None = None, init_weights: bool = True) -> VLMModel:
+    """The arch's model for this pipeline stage (stage flags default to megatron's parallel_state).
+    ``init_weights=False``: parameters are allocated but not initialised (megatron's
+    ``perform_initialization=False``, transformers' ``no_init_weights`` for wrapped HF towers), for
+    callers that load every weight next (conversion, verify)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -323,4 +372,5 @@ def build_model(cfg: Config, *, pre_process: bool | None = None, post_process: b
     if dtype is None:
         dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
     return get_arch(cfg.model.arch).model_cls()(cfg, pre_process=pre_process, post_process=post_process,
-                                                vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id)
+                                                vp_stage=vp_stage, dtype=dtype, image_token_id=image_token_id,
+                                                init_weights=init_weights)

@@ -128,3 +128,48 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _context = None
+    stop_helper_processes()
+
+
+def stop_helper_processes(timeout: float = 10.0) -> None:
+    """End the helper processes this process started, so that none outlives it.
+
+    megatron's dist_checkpointing writer (``filesystem_async``) keeps a multiprocessing 'spawn'
+    Manager for its results queue for the life of the process, and spawning it starts
+    multiprocessing's resource tracker; both used to exit only after this process had (the tracker
+    when its pipe closes). Shut the Manager down and stop the resource tracker if this process
+    started it and no child of ours still runs (``timeout``: how long the tracker may take).
+    """
+    import multiprocessing
+    import signal
+    import sys
+    import time
+
+    fs_async = sys.modules.get("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    queue = getattr(fs_async, "_results_queue", None)
+    if queue is not None:
+        fs_async._results_queue = None
+        manager = getattr(queue, "_manager", None)
+        if manager is not None:
+            manager.shutdown()
+    if multiprocessing.active_children():  # (also reaps finished ones)
+        return  # children still running (e.g. data workers) share the tracker: leave it to them
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    with tracker._lock:
+        fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+        if fd is None or pid is None:  # not started here (a spawned child inherits its parent's)
+            return
+        tracker._fd = tracker._pid = None
+        os.close(fd)  # EOF on its pipe: it cleans up what is left registered and exits
+        deadline = time.monotonic() + timeout
+        try:
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:  # a process forked by someone else holds the pipe
+                    os.kill(pid, signal.SIGTERM)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+        except ChildProcessError:  # already reaped
+            pass

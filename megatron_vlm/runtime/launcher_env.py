@@ -72,11 +72,14 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
 def agreed_port(launch: LaunchEnv, env: Mapping[str, str] | None = None) -> int:
     """A rendezvous port every rank of a single-node job agrees on.
 
-    Under an MPI launcher with mpi4py, rank 0 asks the OS for a free port and broadcasts it.
-    Otherwise the port is derived from the job id (``PMIX_NAMESPACE``, ``SLURM_JOB_ID``, ...), so
-    concurrent jobs on one node do not collide, or is 29500 for a world of one.
+    A world of one asks the OS for a free port (two single-process runs side by side never
+    collide). Under an MPI launcher with mpi4py, rank 0 asks the OS for a free port and broadcasts
+    it. Otherwise the port is derived from the job id (``PMIX_NAMESPACE``, ``SLURM_JOB_ID``, ...), so
+    concurrent jobs on one node do not collide, or is 29500 without one.
     """
     env = os.environ if env is None else env
+    if launch.world_size == 1:
+        return free_port()
     if launch.launcher in ("openmpi", "mpich") and launch.world_size > 1:
         try:
             from mpi4py import MPI

@@ -94,18 +94,21 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
     (The arch's layer metadata, e.g. ``non_homogeneous_layers``, comes from the model itself.)"""
     save_dir = Path(save_dir)
     final, tmp = iteration_dir(save_dir, iteration), save_dir / f".tmp_iter_{iteration:07d}"
+    _writer_manager_dies_with_this_process()
     if _rank0():
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier()
+    fault_point("save_begin", iteration)
     metadata = dict(OPTIM_METADATA, **unwrap(model_chunks[0]).arch.checkpoint_metadata())
     sharded = _model_sharded_state_dict(model_chunks, metadata)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
     dist_checkpointing.save(sharded, str(tmp), content_metadata=metadata)
+    fault_point("save_written", iteration)
     if _rank0():
         state = {"iteration": iteration, "extra": extra or {}, "layout": _layout(),
                  "has_optimizer": optimizer is not None,  # False: model-only (e.g. converted from HF)
@@ -116,19 +119,233 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fault_point("save_renamed", iteration)
         latest_tmp = save_dir / (LATEST + ".tmp")
         latest_tmp.write_text(str(iteration))
         os.replace(latest_tmp, save_dir / LATEST)
+        fault_point("save_latest", iteration)
         if keep_last:
-            _prune(save_dir, keep_last)
+            prune(save_dir, keep_last, iteration)
     _barrier()
     return final
 
 
-def _prune(save_dir: Path, keep_last: int) -> None:
-    iters = sorted(p for p in save_dir.glob("iter_*") if p.is_dir())
-    for old in iters[:-keep_last]:
+def prune(save_dir: str | Path, keep_last: int, current: int) -> list[Path]:
+    """Keep ``current`` (the checkpoint just written, never removed) and the newest ``keep_last - 1``
+    checkpoints before it; remove older ones. Checkpoints numbered above ``current`` (left by a
+    run killed before it updated ``latest``) are left alone: this run overwrites them when it gets
+    there. Returns the removed folders."""
+    older = sorted(p for p in Path(save_dir).glob("iter_*") if p.is_dir() and _iter_of(p) is not None
+                   and _iter_of(p) < current)
+    doomed = older[:max(0, len(older) - (keep_last - 1))]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _iter_of(path: Path) -> int | None:
+    digits = path.name[len("iter_"):]
+    return int(digits) if digits.isdigit() else None
+
+
+def existing_checkpoints(save_dir: str | Path) -> list[int]:
+    """Iterations of the complete checkpoints (``iter_*`` folders) in ``save_dir``."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    return sorted(i for p in root.glob("iter_*") if p.is_dir() and (i := _iter_of(p)) is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Test-only fault injection
+# ------------------------------------------------------------------------------------------------
+
+FAULT_ENV = "MEGATRON_VLM_TEST_KILL_AT"  # tests only: "RANK:POINT:ITERATION" -> that rank SIGKILLs itself
+
+
+def fault_point(point: str, iteration: int) -> None:
+    """FOR TESTS ONLY (tests/distributed/test_faults.py): when ``$MEGATRON_VLM_TEST_KILL_AT`` is
+    ``RANK:POINT:ITERATION`` and this is that rank, point and iteration, the process SIGKILLs itself
+    (no cleanup, like a node failure). Points: ``forward``, ``optimizer`` (trainer), ``save_begin``,
+    ``save_written``, ``save_renamed``, ``save_latest`` (:func:`save_checkpoint`). Unset: a no-op."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if spec == f"{rank}:{point}:{iteration}":
+        import signal
+        import sys
+
+        print(f"fault injection: rank {rank} killed at {point} of iteration {iteration}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------
+# dist_checkpointing's writer helper process
+# ------------------------------------------------------------------------------------------------
+
+_manager = None
+
+
+def _writer_manager_dies_with_this_process() -> None:
+    """megatron's torch_dist writer collects results through a ``multiprocessing`` Manager (a
+    spawned server process, plus the resource tracker). Started by megatron, the Manager outlives a
+    rank killed during a save and keeps the launcher's output pipes open, so ``mpirun`` never
+    returns. Start it ourselves with the parent-death signal set, before megatron's first save."""
+    global _manager
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        return
+    if getattr(fa, "_results_queue", "absent") is not None:  # already made, or not this megatron
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron_vlm.process_guard import die_with_parent
+
+    _manager = SyncManager(ctx=mp.get_context("spawn"))
+    _manager.start(initializer=die_with_parent)  # a light module: the spawned server imports it
+    fa._results_queue = _manager.Queue()
+
+
+# ------------------------------------------------------------------------------------------------
+# --save folder lock
+# ------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class SaveDirLocked(RuntimeError):
+    pass
+
+
+class SaveLock:
+    """An exclusive ``flock`` on ``SAVE_DIR/.lock`` held by rank 0 for the whole run (released by
+    the kernel when the process ends, however it ends). The file names the holder."""
+
+    def __init__(self, save_dir: str | Path):
+        import fcntl
+        import socket
+        import time
+
+        self.path = Path(save_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = Path(self.path).read_text().strip() or "another process"
+            os.close(self._fd)
+            raise SaveDirLocked(f"--save {save_dir}: in use by another job ({holder}); wait for it to end "
+                                f"or pick another --save folder") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before building (one-line errors)
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: one line naming the folder/file and why."""
+
+
+def check_files(ckpt: str | Path) -> None:
+    """Every file of checkpoint folder ``ckpt`` is readable and as long as its metadata says
+    (a truncated or missing file is named); cheap: reads metadata only."""
+    import pickle
+
+    ckpt = Path(ckpt)
+    for name in ("state.json", "metadata.json"):
+        f = ckpt / name
+        if f.is_file():
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise CheckpointError(f"{f}: truncated or corrupt (not valid JSON)") from None
+    f = ckpt / "config.yaml"
+    if f.is_file():
+        try:
+            yaml.safe_load(f.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise CheckpointError(f"{f}: truncated or corrupt (not valid YAML)") from None
+    meta = ckpt / ".metadata"
+    if not meta.is_file():
+        raise CheckpointError(f"{ckpt}: no .metadata file (not a complete dist checkpoint)")
+    try:
+        with open(meta, "rb") as fh:
+            metadata = pickle.load(fh)
+    except Exception:
+        raise CheckpointError(f"{meta}: truncated or corrupt") from None
+    needed: dict[str, int] = {}
+    for info in getattr(metadata, "storage_data", {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for rel, end in sorted(needed.items()):
+        f = ckpt / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (the checkpoint's metadata lists it)")
+        size = f.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{f}: truncated ({size} bytes, the metadata needs {end})")
+    common = ckpt / "common.pt"
+    if common.is_file():
+        try:
+            torch.load(common, map_location="cpu", weights_only=False)
+        except Exception:
+            raise CheckpointError(f"{common}: truncated or corrupt") from None
+
+
+# config keys that decide parameter shapes: a checkpoint loads only into the same values
+SHAPE_KEYS_LANGUAGE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                       "ffn_hidden_size", "vocab_size")
+SHAPE_KEYS_VISION = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "image_size",
+                     "patch_size", "add_class_token")
+
+
+def config_mismatches(saved: dict, config) -> list[str]:
+    """``field: checkpoint X, this run Y`` for every shape-deciding model setting that differs
+    between a checkpoint's ``config.yaml`` (``saved``) and ``config`` (empty: compatible)."""
+    if not saved or "model" not in saved:
+        return []
+    ours, theirs = config.to_dict()["model"], saved["model"]
+    out = []
+
+    def cmp(path, a, b):
+        if a != b:
+            out.append(f"model.{path}: checkpoint {a!r}, this run {b!r}")
+
+    cmp("arch", theirs.get("arch"), ours["arch"])
+    if theirs.get("arch") != ours["arch"]:
+        return out
+    cmp("projector", theirs.get("projector", ours["projector"]), ours["projector"])
+    tl, ol = theirs.get("language", {}), ours["language"]
+    for k in SHAPE_KEYS_LANGUAGE:
+        if k in tl:
+            cmp(f"language.{k}", tl[k], ol[k])
+    tv = theirs.get("vision", [])
+    tv = [tv] if isinstance(tv, dict) else tv
+    ov = ours["vision"]
+    if len(tv) != len(ov):
+        out.append(f"model.vision: checkpoint has {len(tv)} encoder(s), this run {len(ov)}")
+    else:
+        for i, (a, b) in enumerate(zip(tv, ov)):
+            where = "vision" if len(ov) == 1 else f"vision.{i}"
+            if (a.get("hf_config") is None) != (b.get("hf_config") is None):
+                out.append(f"model.{where}.hf_config: checkpoint {'set' if a.get('hf_config') else 'none'}, "
+                           f"this run {'set' if b.get('hf_config') else 'none'}")
+                continue
+            for k in SHAPE_KEYS_VISION:
+                if k in a and b.get("hf_config") is None:
+                    cmp(f"{where}.{k}", a[k], b[k])
+    return out
 
 
 def read_config(load_dir: str | Path, iteration: int | None = None) -> dict:

@@ -44,7 +44,11 @@ class DataSpec:
             if not (root / split).is_dir() or not any((root / split).glob("*.tar")):
                 raise FileNotFoundError(f"--data-path {path}: no {split}/*.tar shards (build them with "
                                         "tools/make_synthetic_dataset.py or tools/prepare_data.py)")
-        tok_path = cfg.data.tokenizer_path or str(root / "tokenizer")
+        from megatron_vlm.data.shards import check_shards
+
+        for split in ("train", "val"):
+            check_shards(root / split)  # a truncated shard or index is named here, not by the reader
+        tok_path = cfg.data.tokenizer_path if cfg.data.tokenizer_path is not None else str(root / "tokenizer")
         if not (Path(tok_path) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"--tokenizer-path {tok_path}: no tokenizer.json")
         from megatron_vlm.data.tokenizer import Tokenizer

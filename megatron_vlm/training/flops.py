@@ -47,12 +47,13 @@ def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers:
     lm = self_layers * _transformer_layer(tokens, s, lang.hidden_size, lang.num_attention_heads,
                                           groups, lang.ffn_hidden_size, gated=True)
     lm += 2 * tokens * lang.hidden_size * lang.vocab_size  # output layer
-    k = m.num_image_tokens
+    tiles = v.max_tiles  # Mllama tiling: every tile (padded ones too) goes through the encoder
+    k = tiles * m.num_image_tokens
     if cross_attention_layers:
         lm += cross_attention_layers * _cross_attention_layer(
             tokens, b * n_img * k, n_img * k, lang.hidden_size, lang.num_attention_heads, groups,
             lang.ffn_hidden_size)
-    vt = b * n_img * v.seq_length
+    vt = b * n_img * tiles * v.seq_length
     vision = v.num_layers * _transformer_layer(vt, v.seq_length, v.hidden_size, v.num_attention_heads,
                                                v.num_attention_heads, v.ffn_hidden_size, gated=False)
     vision += 2 * vt * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
@@ -77,7 +78,8 @@ def peak_tflops(cfg: Config) -> tuple[float | None, str]:
             if gpu in name and prec == precision:
                 return value, f"{gpu} dense {precision}"
         return None, f"unknown GPU {name!r}: pass --peak-tflops"
-    return measured_cpu_peak(), "measured fp32 GEMM of this process (CPU)"
+    # a CPU has no peak we know (a measured GEMM rate is not one: MFU read up to 160% against it)
+    return None, "CPU: no known peak, TFLOP/s only; --peak-tflops gives one"
 
 
 def measured_cpu_peak(n: int = 512, repeats: int = 10) -> float:

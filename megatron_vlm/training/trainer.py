@@ -138,12 +138,17 @@ def _print0(*args) -> None:
 # Signals
 # ------------------------------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; all ranks agree on it once per iteration (all_reduce)."""
+    """SIGTERM/SIGINT/SIGUSR1 set a flag; all ranks agree on it once per iteration (all_reduce).
+    SIGUSR1 is the one launchers forward without killing the ranks (Open MPI 5's mpirun kills them
+    right after forwarding SIGTERM/SIGINT): examples/graceful_stop.sh turns SIGTERM/SIGINT into it."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
@@ -176,11 +181,22 @@ def train(cfg: Config, data) -> TrainResult:
     optimizer, scheduler = build_optimizer(cfg, model_chunks)
     start_iter = 0
     if t.load:
-        state = checkpointing.load_checkpoint(t.load, model_chunks, optimizer, scheduler,
-                                              load_rng=True)
-        start_iter = state["iteration"]
-        data.load_state_dict(state["extra"].get("data", {}))
-        _print0(f"loaded checkpoint {t.load} at iteration {start_iter}")
+        # --finetune: weights only (Megatron-LM's); --no-load-optim: fresh optimizer + scheduler
+        load_optim = t.load_optim and not t.finetune
+        try:
+            state = checkpointing.load_checkpoint(t.load, model_chunks, optimizer if load_optim else None,
+                                                  scheduler if load_optim else None,
+                                                  load_rng=t.load_rng and not t.finetune)
+        except Exception as e:
+            msg = " ".join(str(e).split())[:500]
+            raise TrainingError(f"--load {t.load}: cannot load the checkpoint ({type(e).__name__}: {msg})") from e
+        if t.finetune:
+            _print0(f"loaded the weights of {t.load} (iteration {state['iteration']}); --finetune: "
+                    f"starting at iteration 0 with a fresh optimizer and data position")
+        else:
+            start_iter = state["iteration"]
+            data.load_state_dict(state["extra"].get("data", {}))
+            _print0(f"loaded checkpoint {t.load} at iteration {start_iter}")
 
     seq_length = arch.pipeline_seq_length(cfg)
     dp = parallel_state.get_data_parallel_world_size()
@@ -190,7 +206,7 @@ def train(cfg: Config, data) -> TrainResult:
     _print0(f"model: arch={cfg.model.arch} backend={unwrap(model_chunks[0]).backend} "
             f"world={ctx.world_size} tp={cfg.parallel.tensor_model_parallel_size} "
             f"pp={cfg.parallel.pipeline_model_parallel_size} dp={dp} micro_batches={num_mb}; "
-            f"MFU peak {peak if peak is None else round(peak, 3)} TFLOP/s ({peak_source})")
+            + (f"MFU peak {round(peak, 3)} TFLOP/s ({peak_source})" if peak else f"no MFU ({peak_source})"))
     logger = MetricsLogger(t.log_dir, enabled=torch.distributed.get_rank() == 0)
     stop = StopRequest()
     bad_in_a_row = 0
@@ -209,6 +225,7 @@ def train(cfg: Config, data) -> TrainResult:
             start = time.perf_counter()
             micro_batches = data.next_train(num_mb)
             zero_grads(model_chunks, optimizer)
+            checkpointing.fault_point("forward", iteration + 1)  # tests only (no-op unless set)
             losses = forward_backward(model_chunks, micro_batches, seq_length)
             loss = reduce_losses(losses, t.calculate_per_token_loss)
             arch_metrics = arch.collect_metrics(cfg)
@@ -226,6 +243,7 @@ def train(cfg: Config, data) -> TrainResult:
                         f"--max-bad-steps={t.max_bad_steps}); stopping at iteration {iteration}")
                 continue
             bad_in_a_row = 0
+            checkpointing.fault_point("optimizer", iteration)  # tests only (no-op unless set)
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             elapsed = time.perf_counter() - start
@@ -253,7 +271,7 @@ def train(cfg: Config, data) -> TrainResult:
                         f"accuracy {100 * eval_result['eval_accuracy']:.1f}%" + extra)
             if stop.agreed():
                 stopped = True
-                _print0(f"stop requested (SIGTERM/SIGINT): saving at iteration {iteration}")
+                _print0(f"stop requested (SIGTERM/SIGINT/SIGUSR1): saving at iteration {iteration}")
                 if t.save:
                     save(iteration)
                 break

@@ -41,7 +41,9 @@ def cross_attention_layer_indices(num_layers: int, every: int | None = 4,
     idx = [i for i in range(num_layers) if i % (every + 1) == every - 1]
     if not idx:
         raise ValueError(f"model.cross_attention.every={every} with model.language.num_layers={num_layers} "
-                         f"places no cross-attention layer (the first sits at index {every - 1})")
+                         f"places no cross-attention layer (the first sits at index {every - 1}, after "
+                         f"{every - 1} self-attention layers); allowed: num_layers >= {every} for this "
+                         f"cadence, or every <= {num_layers}")
     return idx
 
 
@@ -69,6 +71,18 @@ def validate(cfg: Config) -> None:
         layer_indices(cfg.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    p = cfg.parallel
+    tp = p.tensor_model_parallel_size
+    if p.sequence_parallel and tp > 1:  # the image features are scattered along n*k over the TP ranks
+        # k: feature tokens per image (model.tokens_per_image: every tile's with Mllama tiling)
+        k = getattr(cfg.model.vision_encoder, "max_tiles", 1) * cfg.model.num_image_tokens
+        nk = cfg.data.images_per_sample * k
+        if nk % tp:
+            raise ConfigError(f"data.images_per_sample x model image tokens = {cfg.data.images_per_sample} x "
+                              f"{k} = {nk}: must be divisible by "
+                              f"parallel.tensor_model_parallel_size={tp} with sequence_parallel (the "
+                              f"cross-attention K/V inputs are split over the TP ranks); allowed: image "
+                              f"tokens per sample a multiple of {tp}, or sequence_parallel off")
 
 
 def place_text_layers(mc: ModelConfig, text_layers: int) -> list[int]:
@@ -77,6 +91,11 @@ def place_text_layers(mc: ModelConfig, text_layers: int) -> list[int]:
     ``text_layers`` self-attention layers; returns their indices (text layer j -> entry j)."""
     every = mc.cross_attention.every
     mc.cross_attention.layers = None
+    if isinstance(every, int) and not isinstance(every, bool) and every - 1 > text_layers >= 1:
+        raise ValueError(f"model.cross_attention.every={every}: the text model has {text_layers} layer(s), "
+                         f"but this cadence puts the first cross-attention layer after {every - 1} "
+                         f"self-attention layers (the smallest text model for every={every} has {every - 1} "
+                         f"layers); allowed for {text_layers} text layer(s): every <= {text_layers + 1}")
     for total in range(text_layers + 1, 3 * text_layers + every + 3):
         try:
             ca = cross_attention_layer_indices(total, every, None)

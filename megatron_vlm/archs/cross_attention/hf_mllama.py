@@ -31,7 +31,9 @@ transformers' ``MllamaVisionModel`` as ``vision_model.hf`` (``model.vision.hf_co
 ``megatron_vlm/models/hf_vision.py``), so its tensors map by renaming only
 (``vision_model.hf.X`` <-> ``vision_model.X``). The projector (one Linear with bias) is megatron's
 ``affine`` MultimodalProjector (``vision_projection.encoder.{weight,bias}`` <->
-``multi_modal_projector.{weight,bias}``). Images enter as single tiles (aspect ratio 1x1).
+``multi_modal_projector.{weight,bias}``). Images enter as single tiles (aspect ratio 1x1) or, with
+``model.vision.max_tiles`` = the tower's ``max_num_tiles``, tiled as Mllama's processor tiles them
+(``megatron_vlm/data/tiling.py``); ``max_tiles`` is a data setting, not part of the HF config.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def vision_keys(hf_vision_config: dict) -> list[str]:
 def structure(mc: ModelConfig) -> dict:
     d = dataclasses.asdict(mc)
     d.pop("sections")
-    d["vision"] = {k: v for k, v in d["vision"][0].items() if k not in ("image_mean", "image_std")}
+    d["vision"] = {k: v for k, v in d["vision"][0].items() if k not in ("image_mean", "image_std", "max_tiles")}
     hf = dict(d["vision"]["hf_config"] or {})
     for k in ("transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
               "id2label", "label2id", "output_hidden_states", "return_dict", "output_attentions",
@@ -190,7 +192,7 @@ class Mllama(Family):
             vocab_size=v, hidden_size=lang.hidden_size, intermediate_size=lang.ffn_hidden_size,
             num_hidden_layers=lang.num_layers, num_attention_heads=lang.num_attention_heads,
             num_key_value_heads=lang.num_query_groups or lang.num_attention_heads,
-            rms_norm_eps=lang.layernorm_epsilon, hidden_act="silu",
+            rms_norm_eps=lang.layernorm_epsilon, hidden_act=lang.activation,
             max_position_embeddings=lang.seq_length, cross_attention_layers=sorted(layer_indices(mc)),
             rope_parameters=llama.rope_parameters(lang),
             tie_word_embeddings=not lang.untie_embeddings_and_output_weights)
@@ -212,7 +214,9 @@ class Mllama(Family):
 
     # ---- verify / generate inputs -----------------------------------------------------------
     def sample_inputs(self, mc: ModelConfig, seed: int = 0, text_len: int = 12) -> ModelInputs:
-        """``[<|image|>, text...]``, every token may attend the image (tile 0).
+        """``[<|image|>, text...]``, every token may attend the image (tile 0). Tiled configs
+        (``model.vision.max_tiles = T > 1``): the image has the largest grid of fewer than T tiles
+        (3 x 1 for T = 4), so real and padded tiles are both exercised.
 
         Rows that may attend no image are avoided on purpose: there HF attends all image tokens
         *including the padded tiles'* (its mask row is zeroed), which a single-tile model cannot
@@ -222,16 +226,32 @@ class Mllama(Family):
         image_token = mc.image_token_id if mc.image_token_id is not None else v
         text = torch.randint(0, v, (text_len,), generator=g)
         tokens = torch.cat([torch.tensor([image_token]), text])[None]
-        size = mc.vision_encoder.image_size
-        return ModelInputs(tokens, images=torch.randn(1, 1, 3, size, size, generator=g),
-                           image_mask=torch.ones(1, 1, dtype=torch.bool),
-                           text_image_mask=torch.ones(1, tokens.shape[1], 1, dtype=torch.bool))
+        size, t = mc.vision_encoder.image_size, mc.vision_encoder.max_tiles
+        cam = torch.ones(1, tokens.shape[1], 1, dtype=torch.bool)
+        if t == 1:
+            return ModelInputs(tokens, images=torch.randn(1, 1, 3, size, size, generator=g),
+                               image_mask=torch.ones(1, 1, dtype=torch.bool), text_image_mask=cam)
+        from megatron_vlm.data.tiling import aspect_ratio_ids, supported_grids, tile_mask
+
+        grid = torch.tensor([[max((g_ for g_ in supported_grids(t) if g_[0] * g_[1] < t),
+                                  key=lambda g_: (g_[0] * g_[1], g_[0]))]])  # [1, 1, 2]
+        mask = tile_mask(grid, t)
+        images = torch.randn(1, 1, t, 3, size, size, generator=g) * mask[..., None, None, None]
+        return ModelInputs(tokens, images=images, image_mask=torch.ones(1, 1, dtype=torch.bool),
+                           text_image_mask=cam, aspect_ratio_ids=aspect_ratio_ids(grid, t),
+                           aspect_ratio_mask=mask)
 
     def _hf_kwargs(self, hf_model, inputs: ModelInputs) -> dict:
         vc = hf_model.config.vision_config
         tiles = vc.max_num_tiles
         dtype = next(hf_model.parameters()).dtype
         b, s = inputs.tokens.shape
+        if inputs.aspect_ratio_mask is not None:  # tiled: HF's processor outputs as they are
+            mask = inputs.aspect_ratio_mask.long()
+            cam = inputs.text_image_mask[..., None].long() * mask[:, None]  # [b, s, n, T]
+            return dict(input_ids=inputs.tokens, pixel_values=inputs.images.to(dtype),
+                        aspect_ratio_ids=inputs.aspect_ratio_ids, aspect_ratio_mask=mask,
+                        cross_attention_mask=cam, attention_mask=torch.ones_like(inputs.tokens))
         images = inputs.images[:, 0].to(dtype)
         pixel_values = images.new_zeros(b, 1, tiles, *images.shape[1:])
         pixel_values[:, 0, 0] = images

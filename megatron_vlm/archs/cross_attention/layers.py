@@ -77,6 +77,7 @@ class CrossAttentionCache:
     kv: dict = field(default_factory=dict)
     last_row: torch.Tensor | None = None
     tokens_per_image: int | None = None
+    tile_mask: torch.Tensor | None = None  # [b, n, T] of tiled images (None: single tile)
 
 
 def _cache_of(inference_context) -> CrossAttentionCache | None:
@@ -267,6 +268,17 @@ def image_permission(b: int, s: int, n: int, text_image_mask: torch.Tensor | Non
     return allowed
 
 
-def context_mask_from_permission(allowed: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
-    """``[b, s, n]`` permission -> megatron mask ``[b, 1, s, n*k]`` (True = do not attend)."""
+def context_mask_from_permission(allowed: torch.Tensor, tokens_per_image: int,
+                                 tile_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[b, s, n]`` permission -> megatron mask ``[b, 1, s, n*k]`` (True = do not attend). Tiled
+    images (``tile_mask`` bool ``[b, n, T]``, k = T x tokens per tile, tile-major): a token attends
+    only the real tiles of an image it may attend (Mllama's ``cross_attention_mask [b, s, n, T]``)."""
+    if tile_mask is not None:
+        b, s, n = allowed.shape
+        t = tile_mask.shape[-1]
+        if tuple(tile_mask.shape) != (b, n, t) or tokens_per_image % t:
+            raise ValueError(f"aspect_ratio_mask shape {tuple(tile_mask.shape)}: expected [batch, images, tiles] "
+                             f"= {(b, n, t)} with tiles dividing the {tokens_per_image} tokens per image")
+        allowed = (allowed[..., None] & tile_mask.to(device=allowed.device, dtype=torch.bool)[:, None])
+        allowed, tokens_per_image = allowed.reshape(b, s, n * t), tokens_per_image // t
     return ~allowed.repeat_interleave(tokens_per_image, dim=2)[:, None]

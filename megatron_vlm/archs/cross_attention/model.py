@@ -38,7 +38,8 @@ features travel to later stages *packed behind the text along the sequence axis*
 stage sends ``[s + n*k, b, h]`` (``[(s + n*k)/tp, b, h]`` with sequence parallelism, the image part
 sharded along n*k as the K/V projection all-gathers it). megatron's p2p thus carries features
 forward and their gradients back to the encoder. The schedule's ``seq_length`` must be
-:func:`pipeline_seq_length` (``s + images_per_sample * k`` when PP > 1, else s; the arch spec's).
+:func:`pipeline_seq_length` (``s + images_per_sample * k`` when PP > 1, else s; the arch spec's;
+k = :func:`tokens_per_image`, ``max_tiles`` x tokens per tile for tiled Mllama images).
 
 Generation: pass a megatron ``StaticInferenceContext``; CA layers store their image K/V in
 ``inference_context.cross_attention_cache`` on the step that has images (prefill) and reuse them on
@@ -55,10 +56,15 @@ from megatron_vlm.archs.cross_attention.layers import (GatedCrossAttentionLayer,
                                                        context_mask_from_permission, image_permission)
 from megatron_vlm.models.vlm import VLMModel
 
+def tokens_per_image(model_cfg) -> int:
+    """Image feature tokens per image: every tile's (``model.vision.max_tiles``, padded tiles too)."""
+    return model_cfg.vision_encoder.max_tiles * model_cfg.num_image_tokens
+
+
 def wire_length(model_cfg, pipeline_size: int, images_per_sample: int) -> int:
     """Length of the tensors pipeline stages exchange: text + packed image tokens when PP > 1."""
     s = model_cfg.language.seq_length
-    return s if pipeline_size == 1 else s + images_per_sample * model_cfg.num_image_tokens
+    return s if pipeline_size == 1 else s + images_per_sample * tokens_per_image(model_cfg)
 
 
 def pipeline_seq_length(cfg) -> int:
@@ -72,8 +78,10 @@ class CrossAttentionVLM(VLMModel):
     ``forward(inputs)``: instead of ``inputs.images`` one may pass precomputed
     ``inputs.cross_attention_states`` ``[b, n, k, h]`` or ``[b, n*k, h]`` (HF's argument of the same
     name). ``inputs.text_image_mask`` ``[b, s, n]`` True = token may attend image n; None = every
-    token may attend every present image. With a megatron ``StaticInferenceContext`` CA layers
-    cache the image K/V on the step that has images and reuse them on decoding steps.
+    token may attend every present image. Tiled images (``inputs.aspect_ratio_mask`` ``[b, n, T]``;
+    features ``[b, n, T*k, h]``): a token attends the real tiles of the images it may attend.
+    With a megatron ``StaticInferenceContext`` CA layers cache the image K/V on the step that has
+    images and reuse them on decoding steps.
     """
 
     def __init__(self, cfg, **kwargs):
@@ -183,19 +191,19 @@ class CrossAttentionVLM(VLMModel):
         if text_image_mask is not None and inference_context is not None and text_image_mask.shape[1] != s:
             offset = inference_context.sequence_len_offset  # a full-length mask: this step's rows
             text_image_mask = text_image_mask[:, offset:offset + s]
-        features_mask = None
+        features_mask, tile_mask = None, inputs.aspect_ratio_mask
         if features is not None:
             allowed = image_permission(b, s, n, text_image_mask, image_mask, tokens.device)
-            features_mask = context_mask_from_permission(allowed, k)
+            features_mask = context_mask_from_permission(allowed, k, tile_mask)
             if cache is not None:
-                cache.last_row, cache.tokens_per_image = allowed[:, -1], k
+                cache.last_row, cache.tokens_per_image, cache.tile_mask = allowed[:, -1], k, tile_mask
         elif cache is not None and cache.kv:  # decoding step: image K/V come from the cache
             n = cache.last_row.shape[1]
             allowed = (image_permission(b, s, n, text_image_mask, image_mask, tokens.device)
                        if text_image_mask is not None else
                        cache.last_row[:, None, :].expand(b, s, n)
                        & image_permission(b, s, n, None, image_mask, tokens.device))
-            features_mask = context_mask_from_permission(allowed, cache.tokens_per_image)
+            features_mask = context_mask_from_permission(allowed, cache.tokens_per_image, cache.tile_mask)
 
         if inference_context is not None and runtime_gather_output is None:
             runtime_gather_output = True  # megatron: inference gathers TP logits
@@ -208,12 +216,12 @@ class CrossAttentionVLM(VLMModel):
             return out
         # pack the image tokens behind the text for the next stage
         if features is None:
-            nk = self.images_per_sample * self.cfg.num_image_tokens
+            nk = self.images_per_sample * tokens_per_image(self.cfg)
             features = out.new_zeros((nk // tp if sp else nk), b, out.shape[-1])
         expected = self.pipeline_seq_length()
         got = out.shape[0] * (tp if sp else 1) + features.shape[0] * (tp if sp else 1)
         if got != expected:
             raise ValueError(f"pipeline tensor of {got} tokens (text {s} + {got - s} image tokens) but the "
                              f"schedule expects {expected} (text + data.images_per_sample="
-                             f"{self.images_per_sample} x {self.cfg.num_image_tokens} image tokens)")
+                             f"{self.images_per_sample} x {tokens_per_image(self.cfg)} image tokens)")
         return torch.cat([out, features], dim=0)

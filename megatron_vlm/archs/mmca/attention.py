@@ -23,7 +23,8 @@ masks are built from it here, per forward, never stored.
 Two implementations (``impl``), equal up to float rounding (tests/distributed/test_mmca_attention.py):
 
 * ``explicit``: two boolean ``[b, 1, s, s]`` masks and two ``F.scaled_dot_product_attention`` calls.
-* ``fast`` (default): no ``[s, s]`` mask. Text branch: causal SDPA (``is_causal``) over the text
+* ``fast`` (default): no ``[s, s]`` mask (KV-cache decoding steps, whose queries are the last few
+  positions, take the explicit path on those rows only). Text branch: causal SDPA (``is_causal``) over the text
   tokens compacted in order (per sample, then gathered back); image branch: one SDPA of every query
   over the compacted image tokens with an ``[s, s_img]`` mask. ``benchmarks/mmca_attention.py``.
 
@@ -73,18 +74,23 @@ class MMCAMasks:
     text_weight: torch.Tensor
 
 
-def mmca_masks(context: torch.Tensor, num_image_tokens: int | None = None, combine: str = "sum") -> MMCAMasks:
-    """Modality context ``[b, s, M]`` bool (full sequence) -> :class:`MMCAMasks` (no empty-row guard)."""
+def mmca_masks(context: torch.Tensor, num_image_tokens: int | None = None, combine: str = "sum",
+               query_start: int = 0) -> MMCAMasks:
+    """Modality context ``[b, s, M]`` bool (full sequence) -> :class:`MMCAMasks` (no empty-row guard)
+    for the queries at positions ``[query_start, s)`` (masks ``[b, s - query_start, s]``; KV-cache
+    decoding asks for the last rows only)."""
     view = decode_modality_context(context)
     image, text = view.image, view.text  # [b, s]; both False at padding
     s = image.shape[1]
     pos = torch.arange(s, device=image.device)
-    before = pos[None, :] < pos[:, None]      # [s(q), s(k)]: j < i
-    upto = pos[None, :] <= pos[:, None]       # j <= i
+    qpos = pos[query_start:]
+    before = pos[None, :] < qpos[:, None]     # [s(q), s(k)]: j < i
+    upto = pos[None, :] <= qpos[:, None]      # j <= i
     ids = image_ids(image, num_image_tokens)
-    same_image = (ids[:, :, None] == ids[:, None, :]) & image[:, :, None] & image[:, None, :]
-    image_keys = (text[:, :, None] & image[:, None, :] & before) | same_image
-    text_keys = text[:, :, None] & text[:, None, :] & upto
+    q_image, q_text, q_ids = image[:, query_start:], text[:, query_start:], ids[:, query_start:]
+    same_image = (q_ids[:, :, None] == ids[:, None, :]) & q_image[:, :, None] & image[:, None, :]
+    image_keys = (q_text[:, :, None] & image[:, None, :] & before) | same_image
+    text_keys = q_text[:, :, None] & text[:, None, :] & upto
     w_image, w_text = image_keys.any(dim=-1), text_keys.any(dim=-1)
     wi, wt = w_image.float(), w_text.float()
     if combine == "mean":
@@ -146,18 +152,21 @@ class MMCAttention(MegatronModule):
         if attention_mask is None or attention_mask.dim() != 3 or attention_mask.dtype != torch.bool:
             raise ValueError("mmca attention: attention_mask must be the modality context [b, s, M] bool "
                              "(built by MMCALayer from the layer's padding_mask)")
-        if query.shape[0] != key.shape[0] or attention_mask.shape[1] != query.shape[0]:
-            raise NotImplementedError(f"mmca attention: query {query.shape[0]} / key {key.shape[0]} / context "
-                                      f"{attention_mask.shape[1]} lengths differ (KV-cache decoding is not supported)")
-        if self.impl == "fast":
+        sq, sk = query.shape[0], key.shape[0]
+        if attention_mask.shape[1] != sk or sq > sk:
+            raise ValueError(f"mmca attention: query {sq} / key {sk} / context {attention_mask.shape[1]} "
+                             "positions: the context must cover the keys, the queries are the last of them")
+        if self.impl == "fast" and sq == sk:
             return self._fast(query, key, value, attention_mask)
-        masks = mmca_masks(attention_mask, self.num_image_tokens, self.combine)
+        # explicit masks; with a KV cache (sq < sk) only the rows of this step's queries
+        masks = mmca_masks(attention_mask, self.num_image_tokens, self.combine, query_start=sk - sq)
         return self._explicit(query, key, value, masks)
 
     def _explicit(self, query, key, value, masks: MMCAMasks):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        s = q.shape[2]
-        eye = torch.eye(s, dtype=torch.bool, device=q.device)
+        s, sk = q.shape[2], k.shape[2]
+        pos = torch.arange(sk, device=q.device)
+        eye = pos[None, :] == pos[sk - s:, None]  # [sq, sk]: each query's own position
         dropout = self.dropout if self.training else 0.0
         out = 0
         for keys, weight in ((masks.image, masks.image_weight), (masks.text, masks.text_weight)):

@@ -7,7 +7,9 @@ How the modality context reaches the core attention: :class:`MMCALayer` takes me
 it along the sequence over the TP group when sequence parallel (the attention sees the whole
 sequence: ``linear_qkv`` all-gathers the hidden states), and hands it on as the layer's
 ``attention_mask``, which megatron passes unchanged to the core attention (also through full and
-selective ``core_attn`` recompute). Nothing is stored on modules.
+selective ``core_attn`` recompute). Nothing is stored on modules. Generation with a megatron
+``StaticInferenceContext``: the context of the cached keys lives in the inference context
+(:func:`cached_key_context`), the attention then sees this step's queries against all cached keys.
 
 State-dict layout of an MMCA layer: exactly a dense language layer's (``models/specs.py``), so a
 joint_decoder checkpoint loads as is::
@@ -57,9 +59,28 @@ class MMCALayer(TransformerLayer):
                              "(VLMModel passes it; see megatron_vlm.data.batch)")
         if len(args) > 1 or kwargs.get("attention_mask") is not None:
             raise ValueError("MMCALayer: builds its own attention masks; got an attention_mask")
-        kwargs["attention_mask"] = full_sequence_context(context, self.config.sequence_parallel,
-                                                         getattr(self, "tp_group", None))
+        full = full_sequence_context(context, self.config.sequence_parallel, getattr(self, "tp_group", None))
+        if kwargs.get("inference_context") is not None:
+            full = cached_key_context(kwargs["inference_context"], full)
+        kwargs["attention_mask"] = full
         return super().forward(*args, **kwargs)
+
+
+def cached_key_context(inference_context, context: torch.Tensor) -> torch.Tensor:
+    """Generation with a megatron static KV cache: the modality context of every cached key.
+
+    ``inference_context.mmca_key_context`` ``[max_batch, max_seq, M]`` bool holds it (written at this
+    step's positions ``[offset, offset + s)``; every MMCA layer writes the same values); returns
+    ``[b, offset + s, M]``, the keys the step's queries see."""
+    cache = getattr(inference_context, "mmca_key_context", None)
+    if cache is None:
+        cache = context.new_zeros(inference_context.max_batch_size, inference_context.max_sequence_length,
+                                  context.shape[-1])
+        inference_context.mmca_key_context = cache
+    start, b0 = inference_context.sequence_len_offset, inference_context.batch_size_offset
+    end, b1 = start + context.shape[1], b0 + context.shape[0]
+    cache[b0:b1, start:end] = context
+    return cache[b0:b1, :end]
 
 
 def mmca_layer_spec(backend, num_image_tokens: int | None, combine: str, impl: str = "fast") -> ModuleSpec:

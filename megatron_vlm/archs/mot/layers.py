@@ -28,6 +28,10 @@ State-dict layout of a MoT layer (``{m}`` = modality name ``image`` | ``text``):
     mlp.{m}.linear_fc1.weight                 [2 f / tp, h]  gate rows then up rows (per TP shard)
     mlp.{m}.linear_fc2.weight                 [h, f / tp]
 
+Generation: with a megatron ``StaticInferenceContext`` the attention keeps its K/V (before RoPE) in
+the context's ``key_value_memory_dict`` as megatron's own attention does (``MoTAttention._cached``):
+the prefill writes the prompt's positions, each decoding step one position.
+
 With the ``te`` backend the layer still uses megatron-core's own linears (TE's fuse their
 communication) and TE's norm and core attention.
 """
@@ -143,6 +147,7 @@ class MoTAttention(MegatronModule):
                              f"by tensor_model_parallel_size={tp}")
         self.head_dim = config.kv_channels
         self.heads_per_rank, self.groups_per_rank = heads // tp, groups // tp
+        self.layer_number = layer_number
         qkv_size = (heads + 2 * groups) * self.head_dim
         self.linear_qkv = PerModality(config, lambda: build_module(
             submodules.linear_qkv, config.hidden_size, qkv_size, config=local_config,
@@ -178,16 +183,45 @@ class MoTAttention(MegatronModule):
             q, k = self.q_layernorm[m](q), self.k_layernorm[m](k)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, routing: Routing, rotary_pos_emb=None, attention_mask=None):
+    def _cached(self, inference_context, key: torch.Tensor, value: torch.Tensor):
+        """Static KV cache in megatron's layout (``inference_context.key_value_memory_dict[layer]`` =
+        (K, V) ``[max_seq, max_batch, groups/tp, d]``, keys before RoPE): this step's K/V go to
+        positions ``[offset, offset + s)``; returns K/V of positions ``[0, offset + s)``."""
+        memory = inference_context.key_value_memory_dict
+        if self.layer_number not in memory:
+            shape = (inference_context.max_sequence_length, inference_context.max_batch_size, *key.shape[2:])
+            memory[self.layer_number] = (key.new_zeros(shape), value.new_zeros(shape))
+        k_mem, v_mem = memory[self.layer_number]
+        start, b0 = inference_context.sequence_len_offset, inference_context.batch_size_offset
+        end, b1 = start + key.shape[0], b0 + key.shape[1]
+        if end > k_mem.shape[0] or b1 > k_mem.shape[1]:
+            raise ValueError(f"MoT KV cache: positions [{start}, {end}) x batch [{b0}, {b1}) exceed the "
+                             f"inference context's {tuple(k_mem.shape[:2])}")
+        k_mem[start:end, b0:b1], v_mem[start:end, b0:b1] = key, value
+        return k_mem[:end, b0:b1], v_mem[:end, b0:b1]
+
+    def forward(self, x: torch.Tensor, routing: Routing, rotary_pos_emb=None, attention_mask=None,
+                inference_context=None):
         qkv = [self._qkv(m, part) for m, part in enumerate(routing.split(x))]
         query, key, value = (routing.merge([t[i] for t in qkv]) for i in range(3))
+        mask_type = AttnMaskType.causal
+        q_start = 0
+        if inference_context is not None:  # generation: megatron's static KV cache
+            q_start = inference_context.sequence_len_offset
+            if q_start > 0 and query.shape[0] != 1:
+                raise ValueError(f"MoT KV cache: {query.shape[0]} positions in one step after the prefill "
+                                 "(decode one position per step)")
+            key, value = self._cached(inference_context, key, value)
+            mask_type = AttnMaskType.causal if q_start == 0 else AttnMaskType.no_mask
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            if inference_context is not None:  # the embedding covers the context's whole length
+                q_emb, k_emb = q_emb[q_start:q_start + query.shape[0]], k_emb[:key.shape[0]]
             query = apply_rotary_pos_emb(query, q_emb, config=self.config)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config)
 
         def attend(q, k, v):
-            return self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal)
+            return self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type)
 
         if self.checkpoint_core_attention and self.training:  # selective recompute "core_attn"
             context = tensor_parallel.checkpoint(attend, False, query, key, value)
@@ -278,12 +312,12 @@ class MoTLayer(MegatronModule):
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                 rotary_pos_emb=None, inference_context=None, packed_seq_params=None,
                 padding_mask=None, **unused):
-        if inference_context is not None or packed_seq_params is not None:
-            raise NotImplementedError("MoT layer: KV-cache inference and packed sequences are not supported")
+        if packed_seq_params is not None:
+            raise NotImplementedError("MoT layer: packed sequences are not supported")
         local, full = self._routings(padding_mask)
 
         normed = self._enter_tp(self._norm(self.input_layernorm, hidden_states, local))
-        attn, biases = self.self_attention(normed, full, rotary_pos_emb, attention_mask)
+        attn, biases = self.self_attention(normed, full, rotary_pos_emb, attention_mask, inference_context)
         hidden_states = self._residual(hidden_states, self._exit_tp(attn), biases, local)
 
         normed = self._enter_tp(self._norm(self.pre_mlp_layernorm, hidden_states, local))
