@@ -223,7 +223,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (["--global-batch-size", "3"], "training.global_batch_size=3"),
     (["--fp8-format", "hybrid"], "--fp8-format hybrid: needs Transformer Engine"),
     (["--data-path", "/nonexistent/dir"], "--data-path /nonexistent/dir: no train/*.tar shards"),
-    (["--set", "model.vision.image_size=30"], "model.vision.image_size=30: must be a multiple of model.vision.patch_size=4"),
+    (["--set", "model.vision.image_size=3"], "model.vision.image_size=3: must be at least model.vision.patch_size=4"),
     (["--load", "/nonexistent/ckpt"], "--load /nonexistent/ckpt: no checkpoint there"),
 ])
 def test_bad_flags_fail_with_one_line_before_building(flags, expected):
