@@ -23,6 +23,19 @@ def pretrain(argv: list[str]) -> int:
     return run(argv)
 
 
+def check_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """``pretrain_vlm.py``'s checks (parse + validate, nothing built) in this process: (exit code,
+    stderr captured by pytest's ``capsys``)."""
+    from megatron_vlm.training import cli
+
+    try:
+        out = cli.check_command_line(argv)
+        rc = out if isinstance(out, int) else 0
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 def read_checkpoint(load: str) -> dict:
     """Every model tensor of a checkpoint (any layout) by its TP=1 name."""
     from megatron_vlm.conversion.megatron_io import MegatronReader

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vlm.testing.cli import TINY_ARGV
+from megatron_vlm.testing.cli import TINY_ARGV, check_in_process as _check
 from megatron_vlm.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,18 +32,6 @@ def _argv(data: Path, *extra) -> list[str]:
     argv = list(TINY_ARGV)
     argv[argv.index("--data-path") + 1] = str(data)
     return argv + ["--set", "data.num_threads=1", *extra]
-
-
-def _check(argv, capsys) -> tuple[int, str]:
-    from megatron_vlm.training import cli
-
-    try:
-        out = cli.check_command_line(argv)
-        rc = out if isinstance(out, int) else 0
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    return rc, err
 
 
 def _losses(log_dir) -> dict[int, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vlm.testing.cli import TINY_ARGV
+from megatron_vlm.testing.cli import TINY_ARGV, check_in_process as _check_in_process
 from megatron_vlm.training import cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,15 +70,6 @@ def _flag_cases(parser: argparse.ArgumentParser, under_file: str):
 
 def _listing(root: Path) -> set:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def _check_in_process(argv, capsys) -> tuple[int, str]:
-    try:
-        out = cli.check_command_line(argv)
-        rc = out if isinstance(out, int) else 0
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
 
 
 def test_every_pretrain_flag_has_help_and_choice_flags_show_their_choices():
