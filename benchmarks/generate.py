@@ -13,7 +13,8 @@ batch 1, fp32, one CPU thread):
 torch threads of both sides.
 
 No eos stop on either side (every run produces exactly N tokens). Medians of ``--repeats``, A/B
-interleaved.
+interleaved. On CPU both sides decode without the CPU layer's device mode
+(``runtime.cpu.device_mode_paused``, as the engine's decoding steps do; transformers never needs it).
 
     python benchmarks/generate.py            # ~6 minutes on a CPU core
 """
@@ -39,7 +40,8 @@ def _run(work: str, lengths: list[int], repeats: int, prompt_len: int, hidden: i
     from megatron_vlm.conversion.convert import import_hf
     from megatron_vlm.conversion.llama import hf_vocab_size
     from megatron_vlm.conversion.verify import load_megatron
-    from megatron_vlm.inference.engine import generate, stack
+    from megatron_vlm.inference.engine import generate, stack, weights_in_huge_pages
+    from megatron_vlm.runtime.cpu import device_mode_paused
 
     torch.set_num_threads(threads)
     work = Path(work)
@@ -48,6 +50,7 @@ def _run(work: str, lengths: list[int], repeats: int, prompt_len: int, hidden: i
                              heads=hidden // 32, kv_heads=hidden // 64, ffn=3 * hidden, max_positions=longest + 16)
     import_hf(str(hf_dir), str(work / "ckpt"))
     cfg, model = load_megatron(str(work / "ckpt"))
+    weights_in_huge_pages(model)  # as tools/generate.py's loading does
     family = get_arch(cfg.model.arch).family()
     prompts = [family.sample_inputs(cfg.model, seed=i, text_len=prompt_len) for i in range(batch)]
     vocab = hf_vocab_size(cfg.model.language)
@@ -60,7 +63,7 @@ def _run(work: str, lengths: list[int], repeats: int, prompt_len: int, hidden: i
         return generate(model, prompts, n, vocab_size=vocab, eos_id=None, use_cache=cache)
 
     def theirs(n):
-        with torch.no_grad():
+        with torch.no_grad(), device_mode_paused():  # as our decoding steps: neither side pays the CPU shim
             out = hf_model.generate(**hf_inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[:, length:].tolist()
 

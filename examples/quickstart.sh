@@ -7,14 +7,16 @@
 #   ARCH=moma bash examples/quickstart.sh             # MoMa experts, expert parallel EP=2
 #   ARCH=mot bash examples/quickstart.sh              # MoT: per-modality weights, one global attention
 #   ARCH=mmca bash examples/quickstart.sh             # MMCA: multi-modal causal attention
+#   QUICKSTART=fusion bash examples/quickstart.sh     # two vision encoders fused by cross-attention
 # Extra arguments go to pretrain_vlm.py, e.g. `--train-iters 300`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ARCH=${ARCH:-cross_attention}
+QUICKSTART=${QUICKSTART:-$ARCH}
 DATA=${DATA:-data/shapes}
-RUN=${RUN:-runs/quickstart_${ARCH}_$(date +%Y%m%d_%H%M%S)}
-CONFIG=examples/configs/quickstart_${ARCH}.yaml
-[ -f "$CONFIG" ] || { echo "quickstart.sh: ARCH=$ARCH has no $CONFIG; allowed: cross_attention, joint_decoder, moma, mot, mmca" >&2; exit 2; }
+RUN=${RUN:-runs/quickstart_${QUICKSTART}_$(date +%Y%m%d_%H%M%S)}
+CONFIG=examples/configs/quickstart_${QUICKSTART}.yaml
+[ -f "$CONFIG" ] || { echo "quickstart.sh: ARCH/QUICKSTART=$QUICKSTART has no $CONFIG; allowed: cross_attention, joint_decoder, moma, mot, mmca, fusion" >&2; exit 2; }
 
 bash scripts/setup_env.sh
 . .venv/bin/activate

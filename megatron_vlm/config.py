@@ -70,6 +70,10 @@ class VisionConfig:
     # image_size px per image, as Llama-3.2-Vision's processor (needs the wrapped Mllama tower with
     # max_num_tiles = N; see megatron_vlm/data/tiling.py)
     max_tiles: int = 1
+    # several encoders (model.vision is a list): exactly one is the generalist (cross_attn queries,
+    # weighted_average's token grid); freeze: null = model.freeze_vision
+    generalist: bool = False
+    freeze: bool | None = None
 
     @property
     def patches_per_side(self) -> int:
@@ -109,6 +113,34 @@ class LanguageConfig:
     unpadded_vocab_size: int | None = None  # true vocab when vocab_size is padded (HF export trims to it)
 
 
+FUSION_METHODS = ("sequence_append", "weighted_average", "cross_attn")
+FUSION_ROUTERS = ("learned", "data")
+FUSION_SPACES = ("projected", "vision")
+
+
+@dataclass
+class FusionConfig:
+    """How several vision encoders' tokens become one image's tokens (``model.fusion``; unused with
+    one encoder). See ``megatron_vlm/models/fusion.py``.
+
+    * ``method``: ``sequence_append`` (every encoder's tokens one after another), ``weighted_average``
+      (per-image weights over the encoders, tokens pooled to the generalist's grid) or ``cross_attn``
+      (generalist tokens attend to the router-weighted specialists; tanh gate initialised to 0).
+    * ``router``: ``learned`` (MLP on the pooled generalist features, softmax over the encoders —
+      over the specialists for cross_attn) or ``data`` (per-sample weights from the manifest);
+      unused by sequence_append. ``top_k``: learned router keeps the k best specialists (null = all).
+    * ``space``: ``projected`` (each encoder has its own projector to the language width, fusion in
+      that width: any encoder widths) or ``vision`` (fusion in the encoders' common width, then one
+      shared projector: every encoder needs the same hidden_size).
+    """
+    method: str = "sequence_append"
+    router: str = "learned"
+    top_k: int | None = None
+    heads: int = 4
+    router_hidden_size: int = 64
+    space: str = "projected"
+
+
 def _arch_sections() -> dict[str, type]:
     """``{section name: config class}`` of the registered archs (imported on first use)."""
     from megatron_vlm.archs import config_sections
@@ -126,6 +158,7 @@ class ModelConfig:
     vision: list[VisionConfig] = field(default_factory=lambda: [VisionConfig()],
                                        metadata={"list_of": VisionConfig})
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     projector: str = "mlp"            # megatron MultimodalProjector type: mlp | affine
     drop_vision_class_token: bool = True
     freeze_vision: bool = False       # the vision encoder
@@ -152,16 +185,41 @@ class ModelConfig:
 
     @property
     def vision_encoder(self) -> VisionConfig:
-        """The vision encoder (one today; several are fused by the fusion step when it lands)."""
+        """The one vision encoder (for code paths that take exactly one; see ``generalist``)."""
         if len(self.vision) != 1:
             raise ConfigError(f"model.vision: {len(self.vision)} encoders; this needs exactly one")
         return self.vision[0]
 
     @property
-    def num_image_tokens(self) -> int:
-        """Decoder positions one image occupies (``inline`` token layout)."""
-        v = self.vision_encoder
+    def multi_encoder(self) -> bool:
+        return len(self.vision) > 1
+
+    @property
+    def generalist(self) -> VisionConfig:
+        """The generalist encoder: the one marked ``generalist`` (the only one if there is one)."""
+        if len(self.vision) == 1:
+            return self.vision[0]
+        marked = [v for v in self.vision if v.generalist]
+        if len(marked) != 1:
+            raise ConfigError(f"model.vision: {len(marked)} encoders marked generalist "
+                              f"({[v.name for v in marked]}); mark exactly one")
+        return marked[0]
+
+    @property
+    def generalist_index(self) -> int:
+        return self.vision.index(self.generalist) if self.multi_encoder else 0
+
+    def encoder_image_tokens(self, v: VisionConfig) -> int:
+        """Tokens encoder ``v`` gives per image (its patch grid, + class token if kept)."""
         return v.num_patches + (0 if self.drop_vision_class_token or not v.add_class_token else 1)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Decoder positions one image occupies (``inline`` token layout): the one encoder's tokens;
+        several: the sum over encoders (``sequence_append``) or the generalist's (otherwise)."""
+        if self.multi_encoder and self.fusion.method == "sequence_append":
+            return sum(self.encoder_image_tokens(v) for v in self.vision)
+        return self.encoder_image_tokens(self.generalist)
 
 
 @dataclass
@@ -644,6 +702,81 @@ def _check_tensor_parallel_sizes(cfg: Config, encoders: list[tuple[str, VisionCo
                  f"allowed: a multiple of {tp * cp}")
 
 
+def _check_encoder_list(m: ModelConfig, encoders: list[tuple[str, VisionConfig]]) -> None:
+    """Several encoders (``model.vision`` a list; fused by ``model.fusion``): names usable as
+    module keys, exactly one generalist, no tiled / Mllama towers; the fusion settings' choices."""
+    f = m.fusion
+    _require(f.method in FUSION_METHODS, f"model.fusion.method={f.method!r}: allowed {list(FUSION_METHODS)}")
+    _require(f.router in FUSION_ROUTERS, f"model.fusion.router={f.router!r}: allowed {list(FUSION_ROUTERS)}")
+    _require(f.space in FUSION_SPACES, f"model.fusion.space={f.space!r}: allowed {list(FUSION_SPACES)}")
+    for section, v in encoders:
+        _require(isinstance(v.generalist, bool), f"{section}.generalist={v.generalist!r}: must be true or false")
+        _require(v.freeze is None or isinstance(v.freeze, bool),
+                 f"{section}.freeze={v.freeze!r}: must be true, false or null (= model.freeze_vision)")
+    if len(encoders) == 1:
+        return
+    import torch
+
+    reserved = set(dir(torch.nn.ModuleDict()))
+    for section, v in encoders:
+        _require(isinstance(v.name, str) and v.name.isidentifier() and v.name not in reserved,
+                 f"{section}.name={v.name!r}: with several encoders each name must be a Python identifier "
+                 f"(letters, digits, _, no digit first) and no torch ModuleDict attribute (e.g. 'keys', 'training')")
+        _require(v.max_tiles == 1 and (v.hf_config or {}).get("model_type") != "mllama_vision_model",
+                 f"{section} ({v.name}): a tiled / Mllama vision tower cannot be fused with other encoders "
+                 f"(max_tiles={v.max_tiles}); use it as the only encoder")
+    marked = [v.name for _, v in encoders if v.generalist]
+    _require(len(marked) == 1, "model.vision: no encoder is marked generalist; mark exactly one (generalist: true)"
+             if not marked else f"model.vision: {len(marked)} encoders marked generalist {marked}; mark exactly one")
+
+
+def encoder_width(v: VisionConfig) -> int:
+    """Width of encoder ``v``'s output features (a wrapped HF tower's own output size)."""
+    if v.hf_config is not None:
+        return int(v.hf_config.get("vision_output_dim", v.hf_config.get("hidden_size", v.hidden_size)))
+    return v.hidden_size
+
+
+def _check_fusion(cfg: Config, encoders: list[tuple[str, VisionConfig]]) -> None:
+    """Fusion sizes (several encoders): top_k, cross_attn heads vs the fusion width and TP, the
+    router's width, common widths for ``space: vision``, class tokens for weighted_average."""
+    m, f = cfg.model, cfg.model.fusion
+    if len(encoders) == 1:
+        return
+    specialists = len(encoders) - 1
+    if f.top_k is not None:
+        _require(f.method != "sequence_append" and f.router == "learned",
+                 f"model.fusion.top_k={f.top_k}: only for the learned router of weighted_average / cross_attn "
+                 f"(method={f.method!r}, router={f.router!r}); use null")
+        _require(isinstance(f.top_k, int) and not isinstance(f.top_k, bool) and 1 <= f.top_k <= specialists,
+                 f"model.fusion.top_k={f.top_k!r}: must be an integer in [1, {specialists}] (the specialists), or null = all")
+    if f.method != "sequence_append" and f.router == "learned":
+        _positive("model.fusion.router_hidden_size", f.router_hidden_size)
+    widths = [(v.name, encoder_width(v)) for _, v in encoders]
+    if f.space == "vision":
+        _require(len({w for _, w in widths}) == 1,
+                 "model.vision: encoders whose widths cannot be fused with model.fusion.space=vision: "
+                 + ", ".join(f"{n} ({w})" for n, w in widths)
+                 + "; give them one hidden_size, or use space: projected (a projector per encoder)")
+    width = m.language.hidden_size if f.space == "projected" else widths[0][1]
+    where = "model.language.hidden_size" if f.space == "projected" else "the encoders' hidden_size"
+    if f.method == "cross_attn":
+        _positive("model.fusion.heads", f.heads)
+        _require(width % f.heads == 0, f"model.fusion.heads={f.heads}: must divide the fusion width "
+                                       f"{width} ({where}, fusion.space={f.space})")
+        _tp_divisible("model.fusion.heads", f.heads, cfg.parallel.tensor_model_parallel_size,
+                      "the fusion's cross-attention heads")
+    if f.method == "weighted_average" and not m.drop_vision_class_token:
+        kept = {v.name: v.add_class_token for _, v in encoders}
+        _require(len(set(kept.values())) == 1,
+                 f"model.vision add_class_token {kept}: weighted_average with drop_vision_class_token=false "
+                 f"needs every encoder to keep a class token or none; set drop_vision_class_token: true")
+    frozen = [v.freeze if v.freeze is not None else m.freeze_vision for _, v in encoders]
+    _require(not (all(frozen) and m.freeze_projector and m.freeze_language),
+             "model.vision (every encoder frozen), freeze_projector and freeze_language: nothing would train; "
+             "unfreeze at least one part")
+
+
 def _check_recompute(t: TrainingConfig, layers_per_stage: int) -> None:
     g = t.recompute_granularity
     _require(g is None or g in RECOMPUTE_GRANULARITIES,
@@ -724,10 +857,9 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
         _require(te_available(), "model.backend='te': needs Transformer Engine and a CUDA device; use 'local' or 'auto'")
     _require(m.projector in PROJECTORS, f"model.projector={m.projector!r}: allowed {list(PROJECTORS)}")
     encoders = _encoders(m)
-    _require(len(encoders) == 1, f"model.vision: {len(encoders)} encoders; fusing several vision encoders "
-                                 f"is not implemented yet (give one)")
     names = [v.name for _, v in encoders]
     _require(len(set(names)) == len(names), f"model.vision names {names}: must be distinct")
+    _check_encoder_list(m, encoders)
     for section, obj in encoders + [("model.language", lang)]:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
             _positive(f"{section}.{name}", getattr(obj, name))
@@ -773,6 +905,7 @@ def validate(cfg: Config, world_size: int | None = None, machine: bool = False) 
              f"model.language.num_attention_heads={lang.num_attention_heads}")
 
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _check_fusion(cfg, encoders)
     _check_tensor_parallel_sizes(cfg, encoders, groups)
     _require(lang.num_layers % pp == 0,
              f"model.language.num_layers={lang.num_layers}: must be divisible by parallel.pipeline_model_parallel_size={pp}")

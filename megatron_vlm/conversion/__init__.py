@@ -4,7 +4,7 @@ Subcommands (flags: ``megatron_vlm/conversion/cli.py``)::
 
     import-hf  --hf-path HF --save MCORE [--tensor-model-parallel-size T --pipeline-model-parallel-size P
                --expert-model-parallel-size E --dtype float32|bfloat16 --arch A --overwrite]
-               [--vision-path CLIP_OR_SIGLIP]            # warm start (HF = LlamaForCausalLM)
+               [--vision-path [NAME=]CLIP_OR_SIGLIP ...]  # warm start (HF = LlamaForCausalLM); repeat: several encoders
     export-hf  --load MCORE --hf-path HF [--dtype ... --tokenizer-path TOK --max-shard-size 5GB --overwrite]
     verify     --hf-path HF --load MCORE [--tensor-model-parallel-size T --tolerance 1e-4 --generate N]
 

@@ -3,7 +3,8 @@
     convert_checkpoint.py import-hf --hf-path HF_DIR --save MCORE_DIR [--arch joint_decoder]
         [--tensor-model-parallel-size T] [--pipeline-model-parallel-size P]
         [--expert-model-parallel-size E] [--dtype float32|bfloat16] [--overwrite]
-        [--vision-path CLIP_OR_SIGLIP_DIR]        # warm start: --hf-path is a LlamaForCausalLM
+        [--vision-path [NAME=]CLIP_OR_SIGLIP_DIR ...]   # warm start: --hf-path is a LlamaForCausalLM;
+        [--generalist NAME] [--set model.fusion.method=cross_attn]   # repeat for several encoders
     convert_checkpoint.py export-hf --load MCORE_DIR --hf-path HF_DIR [--dtype ...]
         [--tokenizer-path TOK_DIR] [--max-shard-size 5GB] [--overwrite]
     convert_checkpoint.py upcycle --load OUR_DENSE_CKPT --save OUT --arch moma [--set model.moma.experts=...]
@@ -66,8 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--hf-path", required=True, help="HF model folder (LLaVA, Mllama, or LlamaForCausalLM for a warm start)")
     p.add_argument("--save", required=True, help="checkpoint folder to write")
-    p.add_argument("--vision-path", default=None,
-                   help="warm start: CLIPVisionModel / SiglipVisionModel folder (with --hf-path = LlamaForCausalLM)")
+    p.add_argument("--vision-path", action="append", default=None, metavar="[NAME=]DIR",
+                   help="warm start: CLIPVisionModel / SiglipVisionModel folder (with --hf-path = "
+                        "LlamaForCausalLM); repeat for several encoders (tensors under vision_models.NAME.*; "
+                        "NAME defaults to the folder's name), fused by --set model.fusion.*")
+    p.add_argument("--generalist", default=None, metavar="NAME",
+                   help="warm start with several --vision-path: the generalist encoder (default: the first)")
     p.add_argument("--make-vocab-size-divisible-by", type=int_at_least(1), default=128,
                    help="pad the embedding/output rows to a multiple (Megatron-LM's default 128)")
     p.add_argument("--seed", type=int_at_least(0), default=1234, help="init seed for parameters a warm start adds")
@@ -128,6 +133,20 @@ def _model_overrides(args) -> dict:
     return out
 
 
+def _check_exportable(load: str, command: str) -> None:
+    """A checkpoint of several vision encoders has no HF family: refuse before anything runs (reads
+    config.yaml only; an unreadable checkpoint is reported by the command itself)."""
+    from megatron_vlm.conversion.families import check_one_vision_encoder
+    from megatron_vlm.training.checkpointing import read_config
+
+    try:
+        raw = read_config(load)
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        check_one_vision_encoder(raw["model"], f"--load {load}", command)
+
+
 def _preflight(args) -> None:
     """Cheap checks of every flag before any work (one-line ConversionError)."""
     from megatron_vlm.cli_errors import check_output_folder
@@ -143,6 +162,8 @@ def _preflight(args) -> None:
     tok = getattr(args, "tokenizer_path", None)
     if tok is not None and not os.path.isdir(tok):
         raise ConversionError(f"--tokenizer-path {tok}: no such folder")
+    if args.command in ("export-hf", "verify"):
+        _check_exportable(args.load, args.command)
     outputs = {"import-hf": ("--save", "save"), "upcycle": ("--save", "save"), "export-hf": ("--hf-path", "hf_path")}
     if args.command in outputs:
         flag, attr = outputs[args.command]
@@ -230,8 +251,20 @@ def main(argv=None) -> int:
             if args.vision_feature_layer is not None and not args.vision_path:
                 return _err(f"--vision-feature-layer {args.vision_feature_layer}: only for a warm start "
                             f"(with --vision-path)")
+            if args.generalist is not None and not args.vision_path:
+                return _err(f"--generalist {args.generalist}: only for a warm start (with --vision-path)")
             if args.vision_feature_layer is None:
                 args.vision_feature_layer = -2
+            if args.vision_path:
+                from megatron_vlm.conversion.warm_start import import_warm_start
+
+                import_warm_start(args.hf_path, args.vision_path, args.save, arch=args.arch,
+                                  tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                                  ep=args.expert_model_parallel_size, dtype=dtype, overwrite=args.overwrite,
+                                  vocab_multiple=args.make_vocab_size_divisible_by, seed=args.seed,
+                                  vision_feature_layer=args.vision_feature_layer,
+                                  model_overrides=_model_overrides(args), generalist=args.generalist)
+                return 0
             import_hf(args.hf_path, args.save, tp=args.tensor_model_parallel_size,
                       pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
                       dtype=dtype, arch=args.arch, overwrite=args.overwrite,

@@ -4,8 +4,10 @@
 ``export_hf``: Megatron dist checkpoint (any TP/PP) -> HF folder (sharded safetensors + index +
 config.json [+ generation_config.json] [+ tokenizer files]).
 
-Memory: import holds the TP=1 model once plus the HF tensors of one key-map entry; export holds
-the tensors of one key-map entry (no model is built).
+Memory: import fills and writes one parameter at a time (the model is built uninitialised, never
+resident as a whole) and stores tensors larger than ``megatron_io.STREAM_BYTES`` in row chunks;
+export holds the tensors of one key-map entry, larger ones streamed in blocks of the checkpoint's
+stored pieces (no model is built).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 import torch
 
 from megatron_vlm.conversion import hf_io, megatron_io, warm_start
-from megatron_vlm.conversion.families import Family, family_for_arch, family_for_hf
-from megatron_vlm.conversion.mapping import (ConversionError, check_pairs, hf_to_mcore, key_report,
+from megatron_vlm.conversion.families import (Family, check_one_vision_encoder, family_for_arch,
+                                              family_for_hf)
+from megatron_vlm.conversion.mapping import (ConversionError, check_pairs, key_report,
                                              cast)
 from megatron_vlm.conversion.megatron_io import build_config, log
 
@@ -91,12 +94,14 @@ def import_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1, ep: int = 1,
     from megatron_vlm.models import build_model
 
     with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp:
-        # every tensor is filled next: no random init (megatron's init was ~30% of the import time)
+        # every tensor is filled from the HF files: no random init (megatron's init was ~30% of the
+        # import time); the parameters are filled one at a time as the checkpoint writer reaches
+        # them and freed once written, so the model is never resident as a whole
         model = build_model(megatron_io.single_process_config(cfg), pre_process=True,
                             post_process=True, dtype=dtype, init_weights=False)
-        megatron_io.fill_model(model, hf_to_mcore(pairs, reader.get, dtype))
+        fill = megatron_io.fillers(model, pairs, reader, dtype)
         ckpt = megatron_io.save_model(tmp, model, cfg, extra={"converted_from": {
-            "hf_path": str(folder.absolute()), "family": family.name}}, consume=True)
+            "hf_path": str(folder.absolute()), "family": family.name}}, consume=True, fill=fill)
         del model
         write_carried(tmp / ckpt.name / megatron_io.HF_SOURCE_DIR, reader, carried, folder)
     reader.close()
@@ -121,6 +126,7 @@ def export_hf(load: str, hf_path: str, dtype: torch.dtype | None = None,
     mc = reader.config.model
     if arch is not None and arch != mc.arch:
         raise ConversionError(f"--arch {arch}: the checkpoint's config says model.arch={mc.arch!r}")
+    check_one_vision_encoder(mc, f"--load {load}", "export-hf")
     family: Family = family_for_arch(mc.arch)
     base = reader.hf_source_config()
     use_base = base is not None and family.base_matches(mc, base)
@@ -166,6 +172,13 @@ def export_hf(load: str, hf_path: str, dtype: torch.dtype | None = None,
 
     def produce():
         for p in pairs:
+            shape = reader.shape(p.mcore)
+            runs = (megatron_io.row_gather(p.op, shape) if reader.nbytes(p.mcore) > megatron_io.STREAM_BYTES
+                    else None)
+            if runs is not None:  # large: streamed in row blocks of the checkpoint's stored pieces
+                for k, hf_shape, r in zip(p.hf, p.op.hf_shapes(shape), runs):
+                    yield k, hf_io.RowBlocks(hf_shape, dtype, (cast(b, dtype) for b in reader.iter_rows(p.mcore, r)))
+                continue
             t = reader.get(p.mcore)
             for k, x in zip(p.hf, p.op.to_hf(t)):
                 yield k, cast(x, dtype).contiguous()

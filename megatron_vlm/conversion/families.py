@@ -89,6 +89,17 @@ def family_for_arch(arch: str) -> Family:
     return families[arch]
 
 
+def check_one_vision_encoder(model, where: str, command: str) -> None:
+    """HF LLaVA / Mllama hold one vision tower: refuse (one line) a model with several encoders.
+    ``model``: a ``ModelConfig`` or the raw ``model`` section of a checkpoint's config.yaml."""
+    vision = model.get("vision") if isinstance(model, dict) else model.vision
+    if isinstance(vision, list) and len(vision) > 1:
+        names = [v.get("name", "vision") if isinstance(v, dict) else v.name for v in vision]
+        raise ConversionError(f"{where}: {command} takes a checkpoint with one vision encoder (HF LLaVA / "
+                              f"Mllama hold one vision tower); this one has {len(vision)}: {names} "
+                              f"(several encoders convert one way only: import-hf with repeated --vision-path)")
+
+
 def prefix_renamer(table: list[tuple[str, str]]) -> Callable[[str], str]:
     def rename(key: str) -> str:
         for old, new in table:

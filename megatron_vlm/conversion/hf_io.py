@@ -2,7 +2,8 @@
 
 Reading never loads a whole checkpoint: :class:`HFReader` parses each safetensors header and reads
 one tensor per ``get`` with plain file I/O (no mmap, so converted tensors' pages do not linger in
-the process's resident set). Writing is streamed too: :func:`write_safetensors_shards`
+the process's resident set; ``out=`` reads straight into a parameter), or gives ``mapped`` views of
+the file's pages for tensors written out unchanged (page cache, no copy). Writing is streamed too: :func:`write_safetensors_shards`
 is given the plan (names, shapes, dtypes) first, writes each shard's header, then each tensor's
 bytes as the producer yields it — only the tensors of one map entry are alive at a time.
 """
@@ -10,6 +11,7 @@ bytes as the producer yields it — only the tensors of one map entry are alive 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -84,6 +86,7 @@ class HFReader:
             self._files[name] = fname
             self._stored[name] = stored
         self._headers: dict[str, tuple[int, dict]] = {}
+        self._maps: dict[Path, torch.UntypedStorage] = {}
 
     def _header(self, fname: str) -> tuple[int, dict]:
         """(data start offset, header dict) of one safetensors file."""
@@ -111,21 +114,45 @@ class HFReader:
     def __contains__(self, key: str) -> bool:
         return key in self._files
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor, read with plain file I/O into fresh memory (no mmap: pages of tensors
-        already converted do not stay resident)."""
+        already converted do not stay resident), or straight into ``out`` (contiguous, of the
+        stored shape and dtype)."""
         path, start, e = self._entry(key)
         if e["dtype"] not in _ST_TO_DTYPE:
             raise ConversionError(f"{key}: safetensors dtype {e['dtype']} is not supported")
-        t = torch.empty(e["shape"], dtype=_ST_TO_DTYPE[e["dtype"]])
+        dtype = _ST_TO_DTYPE[e["dtype"]]
+        if out is None:
+            t = torch.empty(e["shape"], dtype=dtype)
+        elif tuple(out.shape) != tuple(e["shape"]) or out.dtype != dtype or not out.is_contiguous():
+            raise ConversionError(f"{key}: stored {e['dtype']} {tuple(e['shape'])} cannot be read into a "
+                                  f"{out.dtype} {tuple(out.shape)} tensor")
+        else:
+            t = out
         begin, end = e["data_offsets"]
         if end > begin:
             with open(path, "rb") as f:
                 f.seek(start + begin)
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                # the tensor's own memory as a buffer (not via .numpy(), which would make its
+                # storage non-resizable: a streaming save frees parameters by resizing them)
+                view = (ctypes.c_char * (end - begin)).from_address(t.data_ptr())
                 if f.readinto(view) != end - begin:
                     raise ConversionError(f"--hf-path {self.folder}: {path.name} is truncated at {key}")
         return t
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """One tensor as a read-only view of its file's pages (a private memory map: no copy, the
+        pages are page cache the kernel can drop). Do not write to it."""
+        path, start, e = self._entry(key)
+        if e["dtype"] not in _ST_TO_DTYPE:
+            raise ConversionError(f"{key}: safetensors dtype {e['dtype']} is not supported")
+        storage = self._maps.get(path)
+        if storage is None:
+            storage = self._maps[path] = torch.UntypedStorage.from_file(str(path), shared=False,
+                                                                         nbytes=path.stat().st_size)
+        begin, end = e["data_offsets"]
+        return torch.empty(0, dtype=_ST_TO_DTYPE[e["dtype"]]).set_(storage[start + begin:start + end], 0,
+                                                                    e["shape"])
 
     def shape(self, key: str) -> tuple:
         return tuple(self._entry(key)[2]["shape"])
@@ -138,6 +165,7 @@ class HFReader:
 
     def close(self) -> None:
         self._headers.clear()
+        self._maps.clear()
 
 
 def read_config_json(folder: str | Path) -> dict:
@@ -215,6 +243,27 @@ def _header(entries: Sequence[tuple[str, tuple, torch.dtype]], metadata: dict | 
     return struct.pack("<Q", len(raw)) + raw
 
 
+class RowBlocks:
+    """A tensor of ``shape`` / ``dtype`` given as consecutive row blocks (``[rows_i, *shape[1:]]``),
+    for :func:`write_safetensors_shards` to write one block at a time."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, blocks: Iterable[torch.Tensor]):
+        self.shape, self.dtype, self.blocks = tuple(shape), dtype, blocks
+
+
+def _write_blocks(f, name: str, t: RowBlocks) -> None:
+    rows = 0
+    for b in t.blocks:
+        if b.dtype != t.dtype or tuple(b.shape[1:]) != t.shape[1:]:
+            raise ConversionError(f"internal: {name}: block {tuple(b.shape)} {b.dtype} does not fit "
+                                  f"{t.shape} {t.dtype}")
+        _write_tensor(f, b)
+        rows += b.shape[0]
+        del b
+    if rows != t.shape[0]:
+        raise ConversionError(f"internal: {name}: blocks gave {rows} rows of {t.shape[0]}")
+
+
 def _write_tensor(f, t: torch.Tensor) -> None:
     t = t.detach().contiguous().reshape(-1)
     if t.numel() == 0:
@@ -230,7 +279,7 @@ def write_safetensors_shards(out_dir: str | Path, entries: Sequence[tuple[str, t
     """Write ``prefix-0000k-of-0000n.safetensors`` + ``prefix.safetensors.index.json``.
 
     ``entries`` = planned ``(name, shape, dtype)`` in the order ``tensors`` yields them; each
-    yielded tensor is checked against its entry and written straight to disk."""
+    yielded tensor (or :class:`RowBlocks`) is checked against its entry and written straight to disk."""
     out_dir = Path(out_dir)
     shards = plan_shards(entries, max_shard_bytes, groups)
     n = len(shards)
@@ -249,7 +298,10 @@ def write_safetensors_shards(out_dir: str | Path, entries: Sequence[tuple[str, t
                 if got_name != name or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                     raise ConversionError(f"internal: planned {name} {tuple(shape)} {dtype}, produced "
                                           f"{got_name} {tuple(t.shape)} {t.dtype}")
-                _write_tensor(f, t)
+                if isinstance(t, RowBlocks):
+                    _write_blocks(f, name, t)
+                else:
+                    _write_tensor(f, t)
                 weight_map[name] = fname
                 total += _nbytes(shape, dtype)
                 del t

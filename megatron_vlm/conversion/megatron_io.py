@@ -1,24 +1,28 @@
 """The Megatron side: write a dist checkpoint from a stream of tensors, read one tensor at a time.
 
-Writing (import): one process builds the arch's model at TP=1/PP=1 (the only full copy in
-memory), fills it from the stream and saves it with ``training.checkpointing.save_checkpoint`` —
-megatron ``dist_checkpointing`` (torch_dist), which is layout-agnostic: ``pretrain_vlm.py --load``
-at any TP/PP reshards on load. The *target* layout (``--tensor-model-parallel-size`` etc.) is
-validated against the model (heads, groups, vocab, layers divisible) and recorded in the
-checkpoint's ``config.yaml``.
+Writing (import): one process builds the arch's model at TP=1/PP=1, uninitialised, and saves it
+with ``training.checkpointing.save_checkpoint`` — megatron ``dist_checkpointing`` (torch_dist),
+which is layout-agnostic: ``pretrain_vlm.py --load`` at any TP/PP reshards on load — through
+:class:`StreamingSave`, which fills each parameter (:func:`fillers`) just before writing it and
+frees it after, so the model is never resident as a whole. The *target* layout
+(``--tensor-model-parallel-size`` etc.) is validated against the model (heads, groups, vocab,
+layers divisible) and recorded in the checkpoint's ``config.yaml``.
 
 Reading (export): no model is built. :class:`MegatronReader` asks megatron's loader for one global
-tensor (or one layer of a stacked tensor) at a time, whatever TP/PP the checkpoint was written at.
+tensor (or one layer of a stacked tensor, or a block of rows within one stored piece) at a time,
+whatever TP/PP the checkpoint was written at.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -28,7 +32,8 @@ from megatron_vlm.models.backends import te_norm_aliases
 
 HF_SOURCE_DIR = "hf_source"          # inside iter_XXXXXXX/: what an import carries for export
 CARRIED_FILE = "carried.safetensors"  # HF tensors our model does not represent
-MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.")
+MODEL_PREFIXES = ("vision_model.", "vision_projection.", "language_model.",
+                  "vision_models.", "vision_projections.", "fusion.")  # several encoders + fusion
 
 
 def ensure_runtime(tp: int = 1, pp: int = 1) -> None:
@@ -81,52 +86,297 @@ def fill_model(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor
     return missing
 
 
+def fillers(model: torch.nn.Module, pairs, reader, dtype: torch.dtype) -> dict[str, Callable[[torch.Tensor], None]]:
+    """``{state-dict key: fn(parameter)}`` filling each model tensor from its key-map entry (for
+    :func:`save_model` ``fill``). Keys and shapes are checked now, before any tensor is read (the
+    errors of :func:`fill_model`). Identity / gate-up / padded-rows entries whose HF dtype is the
+    model's are read straight into the parameter (no intermediate copy), or, when every piece the
+    writer stores of the parameter is such rows (``fill.source_rows(a, b)``), written from the HF
+    files' pages without filling the parameter at all; the others are converted by their op, then
+    copied."""
+    from megatron_vlm.conversion.mapping import GateUp, Identity, PadRows, cast
+
+    target = model_tensors(model)
+    unexpected = [p.mcore for p in pairs if p.mcore not in target]
+    missing = sorted(set(target) - {p.mcore for p in pairs})
+    if unexpected or missing:
+        raise ConversionError(key_report("megatron model", missing, unexpected))
+    for p in pairs:
+        dst = target[p.mcore]
+        want = [tuple(s) for s in p.op.hf_shapes(tuple(dst.shape))]
+        got = [tuple(reader.shape(k)) for k in p.hf]
+        if want != got:
+            raise ConversionError(f"{p.mcore}: HF shapes {got} do not match the model's {tuple(dst.shape)} "
+                                  f"(expected {want}; config mismatch)")
+
+    def make(p):
+        direct = all(reader.dtype(k) == dtype for k in p.hf) and type(p.op) in (Identity, GateUp, PadRows)
+
+        @torch.no_grad()
+        def fill(dst: torch.Tensor) -> None:
+            if direct and dst.dtype == dtype and dst.is_contiguous():
+                if isinstance(p.op, GateUp):
+                    half = dst.shape[0] // 2
+                    reader.get(p.hf[0], out=dst[:half])
+                    reader.get(p.hf[1], out=dst[half:])
+                elif isinstance(p.op, PadRows):
+                    reader.get(p.hf[0], out=dst[:p.op.hf_rows])
+                    dst[p.op.hf_rows:].zero_()
+                else:
+                    reader.get(p.hf[0], out=dst)
+                return
+            t = cast(p.op.to_mcore([reader.get(k) for k in p.hf]), dtype)
+            if tuple(t.shape) != tuple(dst.shape):
+                raise ConversionError(f"{p.mcore}: converted shape {tuple(t.shape)} does not match the "
+                                      f"model's {tuple(dst.shape)} (config mismatch)")
+            dst.copy_(t)
+
+        def source_rows(a: int, b: int) -> torch.Tensor | None:
+            """Rows ``a:b`` of the Megatron tensor as a view of the HF file's pages when they are
+            stored there as they are (same dtype; not across gate/up or into padding rows)."""
+            if not direct:
+                return None
+            if isinstance(p.op, GateUp):
+                half = reader.shape(p.hf[0])[0]
+                if b <= half:
+                    return reader.mapped(p.hf[0])[a:b]
+                return reader.mapped(p.hf[1])[a - half:b - half] if a >= half else None
+            if isinstance(p.op, PadRows) and b > p.op.hf_rows:
+                return None
+            return reader.mapped(p.hf[0])[a:b]
+
+        fill.source_rows = source_rows
+        return fill
+
+    return {p.mcore: make(p) for p in pairs}
+
+
 def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None,
-               consume: bool = False) -> Path:
+               consume: bool = False, fill: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Path:
     """Write ``save_dir/iter_0000000`` + ``latest`` with the training checkpoint contract.
-    ``consume``: the model is not used after the save (see :func:`release_views_on_save`)."""
+
+    ``consume``: the model is not used after the save: it is written by :class:`StreamingSave`
+    (in this process, one parameter at a time, each parameter's memory freed once written).
+    ``fill`` (with ``consume``): ``{state-dict key: fn(parameter)}`` called just before that
+    parameter is written, so that the parameters never need to be resident all at once (an
+    import builds the model uninitialised and fills it from the HF files this way)."""
     from megatron_vlm.training.checkpointing import save_checkpoint
 
-    if consume:
-        release_views_on_save(model)
-    return Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {}))
+    if fill and not consume:
+        raise ValueError("save_model: fill needs consume=True")
+    strategy = StreamingSave(model, fill, chunk_bytes=STREAM_BYTES) if consume else None
+    path = Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {},
+                                sharded_strategy=strategy))
+    if strategy is not None and fill:
+        left = sorted(set(fill) - strategy.filled)
+        if left:  # a tensor megatron's sharded state dict does not carry: the checkpoint would lack it
+            raise ConversionError(key_report("megatron checkpoint: tensors not written", left, []))
+    return path
 
 
-def release_views_on_save(model: torch.nn.Module) -> None:
-    """Make the model's next ``sharded_state_dict`` hand megatron's writer contiguous copies of the
-    tensors it would otherwise copy itself, releasing each parameter's memory once its pieces
-    are copied: the model is unusable after the save.
+class StreamingSave:
+    """A megatron ``torch_dist`` save strategy (megatron's own planner, metadata and file format:
+    loads like any other checkpoint, at any TP/PP) that writes in this process, one model
+    parameter at a time: ``fill[key](param)`` first (when given), then the parameter's pieces
+    (e.g. the two halves of SwiGLU's ``linear_fc1``; the row pieces of ``chunk_bytes``, see
+    :func:`split_rows`), then the parameter's memory is freed. Peak memory: the parameter being
+    written (and what its filler reads), not the model. No writer processes: megatron's default
+    writer forks one process per file and collects results through a spawned ``multiprocessing``
+    Manager (seconds per save), and clones every piece that views a larger tensor (written in place
+    here). Records carry no CRC32 (``torch.load`` does not check it; same format otherwise).
 
-    megatron's checkpoint writer clones every tensor that is a view of a larger storage (SwiGLU's
-    ``linear_fc1`` is saved as two halves), all before writing: peak memory = model + every fc1.
-    Copying one parameter's pieces at a time and then freeing the parameter keeps it at model +
-    one parameter."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+    The model is unusable after the save."""
 
-    build = model.sharded_state_dict
+    def __new__(cls, model: torch.nn.Module, fill: dict | None = None, chunk_bytes: int | None = None):
+        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+        from megatron.core.dist_checkpointing.strategies.torch import (
+            MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+            mcore_to_pyt_state_dict, save_state_dict_async_plan)
 
-    def sharded_state_dict(*args, **kwargs):
-        sd = build(*args, **kwargs)
-        apply_factories(sd)  # e.g. the SwiGLU split: views of the parameter
-        by_storage: dict[int, list] = {}
-        for t in nested_values(sd):
-            if isinstance(t, ShardedTensor) and isinstance(t.data, torch.Tensor) and t.data.device.type == "cpu":
-                by_storage.setdefault(t.data.untyped_storage().data_ptr(), []).append(t)
-        for pieces in by_storage.values():
-            storage = pieces[0].data.untyped_storage()
-            if all(storage.nbytes() == t.data.numel() * t.data.element_size() for t in pieces):
-                continue  # whole tensors: the writer takes them as they are
-            for t in pieces:
-                t.data = t.data.detach().clone()
+        class _Strategy(TorchDistSaveShardedStrategy):
+            def async_save(self, sharded_state_dict, checkpoint_dir):
+                if chunk_bytes:
+                    dict_list_map_inplace(lambda sh: split_rows(sh, chunk_bytes), sharded_state_dict)
+                sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                       self.keep_only_main_replica)
+                writer = _streaming_writer(checkpoint_dir, strategy)
+                planned = save_state_dict_async_plan(
+                    mcore_to_pyt_state_dict(sd, False), writer, None, 0,
+                    planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                             flatten_state_dict=False))
+                return self._get_save_and_finalize_callbacks(writer, planned[0])
+
+        strategy = _Strategy("torch_dist", 1)
+        tensors = model_tensors(model)
+        strategy.params = {t.untyped_storage().data_ptr(): (k, t) for k, t in tensors.items() if t.numel()}
+        strategy.order = {k: i for i, k in enumerate(fill or tensors)}
+        strategy.fill = fill or {}
+        strategy.filled = set()
+        return strategy
+
+
+STREAM_BYTES = 16 * 1024 ** 2  # import stores larger tensors in row chunks of at most this; export reads by chunk
+
+
+def split_rows(sh, chunk_bytes: int):
+    """A megatron ShardedTensor larger than ``chunk_bytes`` as k equal row chunks (views; the
+    global tensor is the same, stored as k pieces like a k-way split along its first local axis:
+    any loader reassembles or reshards them), so that a reader never has to load more than
+    ``chunk_bytes`` at once. Left whole when no k <= 64 divides the rows into small enough chunks."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if (not isinstance(sh, ShardedTensor) or sh.flattened_range is not None or sh.data is None
+            or sh.data.dim() == 0 or sh.axis_fragmentations is None):
+        return sh
+    n = sh.local_shape[0]
+    row = sh.data[0].numel() * sh.data.element_size() if n else 0
+    if n * row <= chunk_bytes:
+        return sh
+    k = next((k for k in range(2, min(n, 64) + 1) if n % k == 0 and (n // k) * row <= chunk_bytes), None)
+    if k is None:
+        return sh
+    ax, r = sh.prepend_axis_num, n // k
+    out = []
+    for i in range(k):
+        offset, fragments = list(sh.global_offset), list(sh.axis_fragmentations)
+        offset[ax] += i * r
+        fragments[ax] *= k
+        out.append(dataclasses.replace(sh, data=sh.data[i * r:(i + 1) * r], local_shape=(r, *sh.local_shape[1:]),
+                                       global_offset=tuple(offset), axis_fragmentations=tuple(fragments)))
+    return out
+
+
+def row_gather(op, shape: tuple) -> list[list[tuple[int, int]]] | None:
+    """For an op whose HF tensors are each a selection of the Megatron tensor's rows (identity,
+    padded rows, gate/up, q/k/v, k/v): per HF tensor, the runs ``(start, stop)`` of Megatron rows
+    it is made of, in order (found by converting the row indices themselves). None for other ops
+    or 0-d tensors."""
+    from megatron_vlm.conversion.mapping import KV, QKV, GateUp, Identity, PadRows
+
+    if type(op) not in (Identity, PadRows, GateUp, QKV, KV) or not shape:
+        return None
+    n = shape[0]
+    out = []
+    for idx, hf_shape in zip(op.to_hf(torch.arange(n).reshape(n, 1)), op.hf_shapes(tuple(shape))):
+        idx = idx.reshape(-1).tolist()
+        if tuple(hf_shape) != (len(idx), *shape[1:]):
+            return None
+        runs = []
+        for i in idx:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        out.append([tuple(r) for r in runs])
+    return out
+
+
+def _sources(fill, param: torch.Tensor, pieces: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Each piece (a contiguous run of whole rows of ``param``) from ``fill.source_rows``, shaped
+    like the piece; None unless every piece has one."""
+    rows_of = getattr(fill, "source_rows", None)
+    if rows_of is None or param.dim() == 0 or not param.is_contiguous() or param.storage_offset():
+        return None
+    row = param[0].numel()
+    out = []
+    for t in pieces:
+        if not t.is_contiguous() or row == 0 or t.storage_offset() % row or t.numel() % row:
+            return None
+        a = t.storage_offset() // row
+        src = rows_of(a, a + t.numel() // row)
+        if src is None:
+            return None
+        out.append(src.reshape(t.shape))
+    return out
+
+
+def _streaming_writer(checkpoint_dir, strategy):
+    """megatron's FileSystemWriterAsync with the write step replaced (see :class:`StreamingSave`)."""
+    import inspect
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from torch.distributed.checkpoint.api import _wrap_exception
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class Writer(FileSystemWriterAsync):
+        def prepare_write_data(self, plan, planner):
+            self.write_buckets, self.results_queue = [], None
+            self._plan, self._planner, self._results = plan, planner, None
+
+        def get_save_function_and_args(self):
+            return self._write, None, []
+
+        def _write(self):
+            import torch.serialization as ts
+
+            # no CRC32 per record: torch.load (megatron's and torch.distributed.checkpoint's readers)
+            # never checks it, and computing it cost as much as writing the bytes (~1.5 s per GB)
+            crc = ts.get_crc32_options()
+            ts.set_crc32_options(False)
             try:
-                storage.resize_(0)  # the parameter's memory (every tensor using it was copied)
-            except RuntimeError:  # not resizable (not allocated by torch): keep it
-                pass
-        del model.sharded_state_dict  # back to the class's method
-        return sd
+                self._results = self._write_items()
+            except Exception as e:  # reported by megatron's finalize step, like its own writer's
+                self._results = e
+            finally:
+                ts.set_crc32_options(crc)
 
-    model.sharded_state_dict = sharded_state_dict
+        def _write_items(self):
+            kwargs = {}
+            if "serialization_format" in inspect.signature(_write_item).parameters:
+                from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+                kwargs["serialization_format"] = SerializationFormat.TORCH_SAVE
+            transforms = [self.transforms] if hasattr(self, "transforms") else []
+            name = f"{self._plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+            items, groups = [], {}
+            for item in self._plan.items:
+                if item.type == WriteItemType.BYTE_IO:
+                    items.append(item)
+                else:  # views of one parameter each: grouped so that it is filled / freed once
+                    t = self._planner.resolve_data(item)
+                    groups.setdefault(t.untyped_storage().data_ptr(), []).append((item, t))
+            params = strategy.params
+            ordered = sorted(groups.items(), key=lambda g: strategy.order.get(params.get(g[0], ("",))[0], -1))
+            results = []
+            with open(os.path.join(self.checkpoint_dir, name), "wb") as stream:
+                for item in items:
+                    results.append(_write_item(*transforms, stream, self._planner.resolve_data(item), item,
+                                               name, **kwargs))
+                for ptr, pieces in ordered:
+                    key, param = params.get(ptr, (None, None))
+                    if key in strategy.fill:
+                        sources = _sources(strategy.fill[key], param, [t for _, t in pieces])
+                        if sources is None:
+                            strategy.fill[key](param.data)
+                        else:  # the pieces' bytes as stored in the source files: no fill
+                            pieces = [(item, src) for (item, _), src in zip(pieces, sources)]
+                        strategy.filled.add(key)
+                    for item, t in pieces:
+                        t = t.detach()
+                        nbytes = t.numel() * t.element_size()
+                        if t.untyped_storage().nbytes() != nbytes:  # torch.save would write all of it
+                            if t.is_contiguous():  # its own bytes of the parameter's memory, no copy
+                                start = t.storage_offset() * t.element_size()
+                                piece = t.untyped_storage()[start:start + nbytes]
+                                t = torch.empty(0, dtype=t.dtype).set_(piece, 0, t.shape, t.stride())
+                            else:
+                                t = t.clone()
+                        results.append(_write_item(*transforms, stream, t, item, name, **kwargs))
+                        del t
+                    del pieces
+                    if key is not None:
+                        param.data.untyped_storage().resize_(0)
+                stream.flush()
+                os.fsync(stream.fileno())
+            return results
+
+        def retrieve_write_results(self):
+            if isinstance(self._results, Exception):
+                return _wrap_exception(self._results)
+            return self._results
+
+    return Writer(checkpoint_dir, thread_count=1)
 
 
 def log(msg: str) -> None:
@@ -185,6 +435,7 @@ class MegatronReader:
         meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
         self.meta = {k: v for k, v in meta.items() if hasattr(v, "global_shape")}
         self.hf_source = self.dir / HF_SOURCE_DIR
+        self._chunks = None
 
     # -- key resolution -------------------------------------------------------------------------
     def _candidates(self, key: str) -> list[str]:
@@ -237,6 +488,38 @@ class MegatronReader:
 
     def get(self, key: str) -> torch.Tensor:
         return self.get_many([key])[key]
+
+    def nbytes(self, key: str) -> int:
+        return math.prod(self.shape(key)) * torch.empty((), dtype=self.dtype(key)).element_size()
+
+    def row_bounds(self, key: str) -> list[int]:
+        """Row indices where the checkpoint's stored pieces of ``key`` begin (reading across one
+        costs a load of each piece touched)."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        if self._chunks is None:
+            self._chunks = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
+        stored, idx, _ = self.locate(key)
+        ax = 0 if idx is None else 1
+        return sorted({c.offsets[ax] for c in self._chunks[stored].chunks
+                       if idx is None or c.offsets[0] <= idx < c.offsets[0] + c.sizes[0]})
+
+    def iter_rows(self, key: str, runs: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+        """Rows ``start:stop`` of ``key`` for each run, in row blocks that never cross a stored
+        piece: memory is bounded by the checkpoint's piece size, not the tensor's."""
+        bounds = self.row_bounds(key)
+        stored, idx, _ = self.locate(key)
+        sh = self.meta[stored]
+        rest = tuple(sh.global_shape[1:] if idx is None else sh.global_shape[2:])
+        for start, stop in runs:
+            a = start
+            while a < stop:
+                b = min([stop] + [x for x in bounds if x > a])
+                buf = torch.empty((b - a, *rest) if idx is None else (1, b - a, *rest), dtype=sh.dtype)
+                offsets = (a,) + (0,) * len(rest) if idx is None else (idx, a) + (0,) * len(rest)
+                _read_regions(self.dir, [(stored, buf, offsets)])
+                yield buf if idx is None else buf[0]
+                a = b
 
     def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Read the global tensors ``keys`` (a layer of a stacked tensor reads only that layer)."""
@@ -309,5 +592,8 @@ def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]
         def lookup_tensor(self, index):
             return by_fqn[index.fqn][0]
 
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt_dir)), planner=RegionPlanner(),
-             no_dist=True)
+    try:
+        dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt_dir)), planner=RegionPlanner(),
+                 no_dist=True)
+    finally:  # the planner class is cyclic garbage (freed late): it must not keep the buffers alive
+        by_fqn.clear()

@@ -7,9 +7,8 @@ otherwise. Only rank 0 builds the HF model.
 
 Both sides get the same inputs: the family's ``sample_inputs`` (our ``ModelInputs``, passed to our
 model as is, the one model-input contract) from which the family derives transformers' arguments.
-Also: :func:`megatron_greedy` (greedy decoding with our model, no KV cache, each step's inputs from
-the arch's decode hook ``ArchSpec.extend_inputs``) for the "exported folder generates the same
-tokens" check.
+Also: :func:`megatron_greedy` (greedy decoding with our model through the generation engine, KV
+cache included) for the "exported folder generates the same tokens" check.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 
 from megatron_vlm.config import Config, ConfigError, ParallelConfig, from_dict, validate
 from megatron_vlm.conversion import megatron_io
-from megatron_vlm.conversion.families import family_for_arch
+from megatron_vlm.conversion.families import check_one_vision_encoder, family_for_arch
 from megatron_vlm.conversion.llama import hf_vocab_size
 from megatron_vlm.conversion.mapping import ConversionError
 
@@ -110,6 +109,7 @@ def check_pair(hf_path: str, load: str) -> None:
     if not raw:
         raise ConversionError(f"--load {load}: no config.yaml in the latest checkpoint")
     arch = (raw.get("model") or {}).get("arch", "joint_decoder")
+    check_one_vision_encoder(raw.get("model") or {}, f"--load {load}", "verify")
     family = family_for_arch(arch)
     if archs and not set(archs) & set(family.hf_architectures):
         raise ConversionError(f"--hf-path {hf_path} holds {archs[0]} but --load {load} is a {arch} checkpoint "
@@ -149,14 +149,10 @@ def verify(hf_path: str, load: str, tp: int = 1, pp: int = 1, tolerance: float =
     return result
 
 
-@torch.no_grad()
 def megatron_greedy(model, inputs, max_new_tokens: int, vocab: int) -> list[int]:
-    """Greedy continuation of ``inputs`` (``ModelInputs``, batch 1) with our model (full
-    recompute per step)."""
-    out = []
-    for _ in range(max_new_tokens):
-        logits = gather_logits(model(inputs))[..., :vocab]
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        inputs = model.arch.extend_inputs(inputs, torch.tensor([[nxt]]))
-    return out
+    """Greedy continuation of ``inputs`` (``ModelInputs``, batch 1) with our model: the generation
+    engine's KV-cached decoding (argmax over the first ``vocab`` ids, no eos stop), so an export
+    check also exercises the cache (the engine's tests show it equal to the full recompute)."""
+    from megatron_vlm.inference.engine import generate
+
+    return generate(model, [inputs], max_new_tokens, vocab_size=vocab, eos_id=None)[0]

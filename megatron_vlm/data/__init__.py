@@ -6,6 +6,7 @@
 * ``samples``       token layout per arch, collation into VLMBatch
 * ``dali_pipeline`` the DALI graphs
 * ``tiling``        Mllama image tiles (grid choice as transformers' processor, the DALI piece)
+* ``encoder_weights`` the data router's per-sample ``encoder_weights`` (manifest -> shards -> batch, checks)
 * ``dali_loader``   DaliLoader (data-parallel, resumable), ``build_loaders(cfg, ...)``
 * ``synthetic``     the seeded shapes dataset (``tools/make_synthetic_dataset.py``)
 

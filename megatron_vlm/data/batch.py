@@ -11,6 +11,9 @@ Shapes (b = micro batch, s = sequence length, n = images per sample, C/H/W = ima
 * ``position_ids``  [b, s]  int64
 * ``modality_ids``  [b, s]  int64   0 = image token, 1 = text token (padding counts as text).
 * ``images``        [b, n, C, H, W] float32, normalised with the vision encoder's mean/std;
+                    several encoders (``model.vision`` a list of E): a tuple of E such tensors in
+                    ``model.vision`` order, each at its encoder's image_size / mean / std (one
+                    decode per image in the DALI pipeline, resized per encoder);
                     tiled (Mllama, ``model.vision.max_tiles = T > 1``): [b, n, T, C, H, W], the
                     tiles of each image in row-major order, unused tiles 0.
 * ``aspect_ratio_ids``  [b, n] int64 (tiled only) Mllama's: 1 + the image's tile grid among the
@@ -21,6 +24,9 @@ Shapes (b = micro batch, s = sequence length, n = images per sample, C/H/W = ima
 * ``text_image_mask`` [b, s, n] bool (``marker`` layout) True where text token t may attend
                                     image i (Mllama's ``cross_attention_mask`` before tiling).
 * ``padding_mask``  [b, s]  bool    True at right-padding positions (None = no padding).
+* ``router_weights`` [b, E] float32 (``model.fusion.router: data`` only) the sample's weights over
+                    the E encoders from the dataset manifest (finite, >= 0; normalised once, in
+                    the model); None otherwise.
 
 :class:`ModelInputs` is everything a model's ``forward`` takes, in one object (the schedule's
 ``forward_step``, eval, generation and ``verify`` all call ``model(inputs)``); :class:`VLMBatch` is
@@ -47,9 +53,16 @@ NUM_MODALITIES = 2
 
 
 def _map_tensors(obj, fn):
-    """A copy of the dataclass ``obj`` with ``fn`` applied to each tensor field."""
-    return replace(obj, **{f.name: fn(getattr(obj, f.name)) for f in fields(obj)
-                           if torch.is_tensor(getattr(obj, f.name))})
+    """A copy of the dataclass ``obj`` with ``fn`` applied to each tensor field (and to each
+    tensor of a tuple field: ``images`` of several encoders)."""
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if torch.is_tensor(value):
+            out[f.name] = fn(value)
+        elif isinstance(value, tuple) and value and all(torch.is_tensor(v) for v in value):
+            out[f.name] = tuple(fn(v) for v in value)
+    return replace(obj, **out)
 
 
 @dataclass
@@ -64,7 +77,7 @@ class ModelInputs:
     tokens: torch.Tensor
     position_ids: torch.Tensor | None = None
     modality_ids: torch.Tensor | None = None
-    images: torch.Tensor | None = None
+    images: torch.Tensor | tuple[torch.Tensor, ...] | None = None
     image_mask: torch.Tensor | None = None
     text_image_mask: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
@@ -72,6 +85,7 @@ class ModelInputs:
     cross_attention_states: torch.Tensor | None = None
     aspect_ratio_ids: torch.Tensor | None = None
     aspect_ratio_mask: torch.Tensor | None = None
+    router_weights: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.position_ids is None:
@@ -105,12 +119,13 @@ class VLMBatch:
     loss_mask: torch.Tensor
     position_ids: torch.Tensor
     modality_ids: torch.Tensor
-    images: torch.Tensor | None
+    images: torch.Tensor | tuple[torch.Tensor, ...] | None
     image_mask: torch.Tensor | None
     text_image_mask: torch.Tensor | None = None
     padding_mask: torch.Tensor | None = None
     aspect_ratio_ids: torch.Tensor | None = None
     aspect_ratio_mask: torch.Tensor | None = None
+    router_weights: torch.Tensor | None = None
 
     def to(self, device) -> "VLMBatch":
         return _map_tensors(self, lambda t: t.to(device))
@@ -120,7 +135,8 @@ class VLMBatch:
         return ModelInputs(tokens=self.tokens, position_ids=self.position_ids, modality_ids=self.modality_ids,
                            images=self.images, image_mask=self.image_mask, text_image_mask=self.text_image_mask,
                            padding_mask=self.padding_mask, labels=self.labels if with_labels else None,
-                           aspect_ratio_ids=self.aspect_ratio_ids, aspect_ratio_mask=self.aspect_ratio_mask)
+                           aspect_ratio_ids=self.aspect_ratio_ids, aspect_ratio_mask=self.aspect_ratio_mask,
+                           router_weights=self.router_weights)
 
     def micro_batches(self, micro_batch_size: int) -> list["VLMBatch"]:
         """Split along the batch axis into micro batches of ``micro_batch_size``."""

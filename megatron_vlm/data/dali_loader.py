@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_vlm.config import Config, VisionConfig
+from megatron_vlm.config import Config, ModelConfig, VisionConfig
 from megatron_vlm.data.batch import VLMBatch
-from megatron_vlm.data.dali_pipeline import (ImageSpec, ReaderSpec, default_device_id, image_pipeline,
-                                             json_records, reader_pipeline, to_torch,
+from megatron_vlm.data.dali_pipeline import (ImageSpec, ReaderSpec, batch_images, default_device_id,
+                                             image_pipeline, json_records, reader_pipeline,
                                              transplant_reader_state)
 from megatron_vlm.data.samples import SequenceBuilder
 from megatron_vlm.data.shards import list_shards
@@ -56,10 +56,19 @@ def image_spec(vision: VisionConfig) -> ImageSpec:
     return ImageSpec(vision.image_size, tuple(vision.image_mean), tuple(vision.image_std), vision.max_tiles)
 
 
+def model_images(model: ModelConfig) -> ImageSpec | tuple[ImageSpec, ...]:
+    """What the model's images need: one encoder's ImageSpec, or a tuple of one per encoder in
+    ``model.vision`` order (several encoders: the batch's ``images`` is then a tuple too)."""
+    if model.multi_encoder:
+        return tuple(image_spec(v) for v in model.vision)
+    return image_spec(model.vision[0])
+
+
 class DaliLoader:
     """Micro batches of one data-parallel rank from a folder of shards (see the module docstring)."""
 
-    def __init__(self, shard_dir: str | os.PathLike, builder: SequenceBuilder, image: ImageSpec,
+    def __init__(self, shard_dir: str | os.PathLike, builder: SequenceBuilder,
+                 image: ImageSpec | tuple[ImageSpec, ...],
                  micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 1234,
                  shuffle: bool = True, num_threads: int = 2, device_id: int | None | str = AUTO,
                  initial_fill: int = 1024):
@@ -115,17 +124,18 @@ class DaliLoader:
     # ---- iteration ------------------------------------------------------------------------------
     def next_batch(self) -> VLMBatch:
         """The next micro batch: tokens etc. [micro_batch_size, seq_length], images [b, 1, 3, S, S]
-        (tiled: [b, 1, T, 3, S, S] with aspect-ratio ids and tile masks)."""
+        (several encoders: a tuple of one such tensor per encoder; tiled: [b, 1, T, 3, S, S] with
+        aspect-ratio ids and tile masks), router_weights [b, E] with the data router."""
         if self.batch_in_epoch == self.batches_per_epoch:
             self.epoch, self.batch_in_epoch, self._pipe = self.epoch + 1, 0, None
         if self._pipe is None:
             self._open()
-        *images, meta = self._pipe.run()
+        *outputs, meta = self._pipe.run()
         self.batch_in_epoch += 1
         records = json_records(meta)
         self.last_keys = [r.get("key", "") for r in records]
-        grid = to_torch(images[1]) if len(images) > 1 else None  # tiled: (tiles down, across) per image
-        return self.builder.collate(records, to_torch(images[0]), grid)
+        images, grid = batch_images(outputs, self.image)  # grid: tiled, (tiles down, across) per image
+        return self.builder.collate(records, images, grid)
 
     def __iter__(self):
         return self
@@ -192,7 +202,7 @@ def build_loader(cfg: Config, split: str, tokenizer: Tokenizer, dp_rank: int | N
         raise ValueError(f"model.language.vocab_size={vocab}: smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} ids")
     return DaliLoader(Path(cfg.data.data_path) / split, SequenceBuilder.from_model_config(tokenizer, cfg.model),
-                      image_spec(cfg.model.vision_encoder), cfg.training.micro_batch_size, dp_rank, dp_size,
+                      model_images(cfg.model), cfg.training.micro_batch_size, dp_rank, dp_size,
                       seed=cfg.training.seed, shuffle=split == TRAIN_SPLIT, num_threads=cfg.data.num_threads)
 
 

@@ -5,11 +5,15 @@ num_shards=dp_size``) -> decode the centre square (``"cpu"`` without CUDA, ``"mi
 -> resize to ``image_size`` x ``image_size`` (equivalent to: shorter side to ``image_size``, centre
 crop) -> normalise with mean/std (given on the 0..1 scale, applied to 0..255 pixels) -> float32
 CHW. Outputs: images ``[b, 3, image_size, image_size]`` and the raw json bytes of each sample.
+Several encoders (a tuple of ImageSpecs, ``model.vision`` order): each image is decoded once and
+resized / normalised per encoder in the same graph: one images output per encoder, then the json.
 With ``ImageSpec.max_tiles > 1`` (Mllama tiling, :mod:`megatron_vlm.data.tiling`) it decodes the
 whole image, resizes it to its tile grid's canvas, pads, normalises and splits it: outputs tiles
 ``[b, max_tiles, 3, S, S]``, the grid ``[b, 2]`` (tiles down, across) and the json bytes.
 
-``decode_images``: the same preprocessing for image files given as bytes (generation).
+``decode_images``: the same preprocessing (one encoder, several, or tiles) for image files given
+as bytes (generation); :func:`batch_images` turns either graph's image outputs into the batch's
+``images`` (a tensor, or a tuple of one per encoder) and the tile grid.
 
 ``reader_pipeline``: the same reader alone. It advances the reader cheaply (no decoding) to resume
 mid-epoch; :func:`transplant_reader_state` then moves its reader state into an image pipeline's
@@ -57,7 +61,18 @@ class ImageSpec:
     image_size: int
     mean: tuple[float, float, float]  # 0..1 scale
     std: tuple[float, float, float]
-    max_tiles: int = 1  # > 1: Mllama tiling (megatron_vlm/data/tiling.py), training shards only
+    max_tiles: int = 1  # > 1: Mllama tiling (megatron_vlm/data/tiling.py)
+
+
+def as_specs(image) -> tuple[ImageSpec, ...]:
+    """``image`` (one ImageSpec or several) as a tuple; tiles only with one encoder."""
+    specs = (image,) if isinstance(image, ImageSpec) else tuple(image)
+    if not specs:
+        raise ValueError("no image spec: need one per vision encoder")
+    if len(specs) > 1 and any(s.max_tiles > 1 for s in specs):
+        raise ValueError(f"{len(specs)} encoders with max_tiles {[s.max_tiles for s in specs]}: "
+                         "tiled (Mllama) images need exactly one encoder")
+    return specs
 
 
 def default_device_id() -> int | None:
@@ -71,48 +86,70 @@ def _pipeline_kwargs(batch_size: int, num_threads: int, device_id: int | None, s
                 prefetch_queue_depth=2, enable_checkpointing=True, checkpoint=checkpoint)
 
 
-def _preprocess(encoded, image: ImageSpec, decode_device: str):
-    """Encoded images -> normalised float32 CHW ``[3, S, S]`` (the graph every image of the project
-    goes through: training, evaluation, generation)."""
+def _preprocess(encoded, specs: tuple[ImageSpec, ...], decode_device: str) -> list:
+    """Encoded images -> per encoder normalised float32 CHW ``[3, S_e, S_e]`` (the graph every image
+    of the project goes through: training, evaluation, generation). One decode for all encoders."""
     # centre square of side min(H, W), decoded as a region of interest, then resized to S x S:
     # the same pixels as "resize the shorter side to S, centre crop S x S", with less decoding
     height_width = fn.peek_image_shape(encoded, dtype=types.FLOAT)[0:2]
     side = fn.reductions.min(height_width)
-    images = fn.decoders.image_crop(encoded, device=decode_device, output_type=types.RGB,
-                                    crop_w=side, crop_h=side, crop_pos_x=0.5, crop_pos_y=0.5)
-    size = image.image_size
-    images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[255.0 * m for m in image.mean], std=[255.0 * s for s in image.std])
+    decoded = fn.decoders.image_crop(encoded, device=decode_device, output_type=types.RGB,
+                                     crop_w=side, crop_h=side, crop_pos_x=0.5, crop_pos_y=0.5)
+    out = []
+    for image in specs:
+        size = image.image_size
+        images = fn.resize(decoded, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+        out.append(fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                            mean=[255.0 * m for m in image.mean],
+                                            std=[255.0 * s for s in image.std]))
+    return out
 
 
-@pipeline_def
-def _image_graph(reader: ReaderSpec, image: ImageSpec, decode_device: str):
-    encoded, meta = reader.read()
-    if image.max_tiles > 1:
+def _image_outputs(encoded, image, decode_device: str) -> list:
+    """The image outputs of a graph: one per encoder, or (tiles, grid) when tiled."""
+    specs = as_specs(image)
+    if specs[0].max_tiles > 1:
         from megatron_vlm.data.tiling import dali_tiles
 
-        tiles, grid = dali_tiles(encoded, decode_device, image.image_size, image.max_tiles, image.mean, image.std)
-        return tiles, grid, meta
-    return _preprocess(encoded, image, decode_device), meta
+        s = specs[0]
+        return list(dali_tiles(encoded, decode_device, s.image_size, s.max_tiles, s.mean, s.std))
+    return _preprocess(encoded, specs, decode_device)
 
 
 @pipeline_def
-def _encoded_graph(image: ImageSpec, decode_device: str, source):
-    return _preprocess(fn.external_source(source=source, batch=True, dtype=types.UINT8), image, decode_device)
+def _image_graph(reader: ReaderSpec, image, decode_device: str):
+    encoded, meta = reader.read()
+    return (*_image_outputs(encoded, image, decode_device), meta)
 
 
-def decode_images(encoded: list[bytes], image: ImageSpec, num_threads: int = 1,
-                  device_id: int | None = None) -> torch.Tensor:
-    """Encoded image files (bytes) -> ``[n, 3, S, S]`` float32, exactly as training preprocesses its
+@pipeline_def
+def _encoded_graph(image, decode_device: str, source):
+    encoded = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+    return tuple(_image_outputs(encoded, image, decode_device))
+
+
+def batch_images(outputs, image) -> tuple:
+    """A graph's image outputs (the json excluded) -> ``(images, grid)``: images ``[b, 3, S, S]``
+    (one encoder), a tuple of E such tensors (several, ``model.vision`` order) or tiles
+    ``[b, T, 3, S, S]`` with grid ``[b, 2]`` (tiles down, across; None untiled)."""
+    specs = as_specs(image)
+    tensors = [to_torch(o) for o in outputs]
+    if specs[0].max_tiles > 1:
+        return tensors[0], tensors[1]
+    return (tensors[0] if isinstance(image, ImageSpec) else tuple(tensors)), None
+
+
+def decode_images(encoded: list[bytes], image, num_threads: int = 1,
+                  device_id: int | None = None) -> tuple:
+    """Encoded image files (bytes) -> ``(images, grid)`` of :func:`batch_images` (``images``
+    ``[n, 3, S, S]`` float32, one per encoder, or tiles), exactly as training preprocesses its
     shards (one DALI batch; decoding errors are DALI's: check files before)."""
     batch = [np.frombuffer(b, dtype=np.uint8) for b in encoded]
     pipe = _encoded_graph(image, "cpu" if device_id is None else "mixed", lambda: batch,
                           batch_size=len(batch), num_threads=num_threads, device_id=device_id,
                           prefetch_queue_depth=1)
     pipe.build()
-    (images,) = pipe.run()
-    out = to_torch(images)
+    out = batch_images(pipe.run(), image)
     del pipe
     return out
 
@@ -123,10 +160,12 @@ def _reader_graph(reader: ReaderSpec):
     return meta
 
 
-def image_pipeline(reader: ReaderSpec, image: ImageSpec, batch_size: int, num_threads: int,
+def image_pipeline(reader: ReaderSpec, image, batch_size: int, num_threads: int,
                    device_id: int | None, checkpoint: bytes | None = None):
     """A built image pipeline; ``run()`` -> (images TensorList [b, 3, S, S] float32, json TensorList),
-    or (tiles [b, T, 3, S, S], grid [b, 2] int64, json) with ``image.max_tiles = T > 1``."""
+    with several ImageSpecs (images of encoder 0, ..., of encoder E-1, json), or (tiles
+    [b, T, 3, S, S], grid [b, 2] int64, json) with ``image.max_tiles = T > 1``; see
+    :func:`batch_images`."""
     pipe = _image_graph(reader, image, "cpu" if device_id is None else "mixed",
                         **_pipeline_kwargs(batch_size, num_threads, device_id, reader.seed, checkpoint))
     pipe.build()

@@ -35,6 +35,11 @@ cross_attention) thus has loss 1: it predicts the first caption token, as in LLa
 Truncation: a sample longer than ``s`` loses tokens from the end of its text (eos first, then the
 target, then the prompt); the prefix (bos + image tokens) is never cut. A prefix that leaves no
 room for text (``len(prefix) >= s``) raises ``ValueError`` when the builder is constructed.
+
+Several vision encoders: ``num_image_tokens`` is the model's (the sum over the encoders for
+``sequence_append``, the generalist's grid otherwise); ``images`` is a tuple of one tensor per
+encoder; with the data router (``router_encoders = E``) each record's ``encoder_weights`` become
+``router_weights`` ``[b, E]`` (:mod:`megatron_vlm.data.encoder_weights`).
 """
 
 from __future__ import annotations
@@ -78,11 +83,12 @@ class SequenceBuilder:
     """Builds the token layout above; ``collate`` makes the batch tensors."""
 
     def __init__(self, tokenizer: Tokenizer, layout: TokenLayout, seq_length: int, num_image_tokens: int,
-                 image_token_id: int | None = None):
+                 image_token_id: int | None = None, router_encoders: int | None = None):
         if layout not in list(TokenLayout) + [t.value for t in TokenLayout]:
             raise ValueError(f"layout={layout!r}: no token layout of that name; allowed "
                              f"{[t.value for t in TokenLayout]}")
         self.tok, self.layout, self.seq_length = tokenizer, TokenLayout(layout), seq_length
+        self.router_encoders = router_encoders  # E: records carry the data router's weights
         self.image_token_id = tokenizer.image_token_id if image_token_id is None else image_token_id
         self.num_image_positions = num_image_tokens if self.layout is TokenLayout.INLINE else 1
         self.prefix = [tokenizer.bos_id] + [self.image_token_id] * self.num_image_positions
@@ -95,9 +101,10 @@ class SequenceBuilder:
     def from_model_config(cls, tokenizer: Tokenizer, model: ModelConfig) -> "SequenceBuilder":
         """The builder of ``model.arch``'s token layout (asked of the arch registry)."""
         from megatron_vlm.archs import get_arch
+        from megatron_vlm.data.encoder_weights import router_encoders
 
         return cls(tokenizer, get_arch(model.arch).token_layout, model.language.seq_length,
-                   model.num_image_tokens, model.image_token_id)
+                   model.num_image_tokens, model.image_token_id, router_encoders(model))
 
     def encode(self, record: dict) -> EncodedSample:
         """Unpadded tokens of one record, truncated to ``seq_length``."""
@@ -116,13 +123,17 @@ class SequenceBuilder:
         return ([self.tok.bos_id] + [self.image_token_id] * self.num_image_positions * num_images
                 + (self.tok.encode(text) if text else []))
 
-    def collate(self, records: list[dict], images: torch.Tensor, grid: torch.Tensor | None = None) -> VLMBatch:
-        """``records``: b json records; ``images``: [b, C, H, W] float32 -> VLMBatch (one image each).
+    def collate(self, records: list[dict], images: torch.Tensor | tuple[torch.Tensor, ...],
+                grid: torch.Tensor | None = None) -> VLMBatch:
+        """``records``: b json records; ``images``: [b, C, H, W] float32 (several encoders: a tuple of
+        one per encoder) -> VLMBatch (one image each: images [b, 1, C, H, W], or the tuple of them).
         Tiled (Mllama): ``images`` [b, T, C, H, W] and ``grid`` [b, 2] (tiles down, across) -> images
         [b, 1, T, C, H, W] with ``aspect_ratio_ids`` [b, 1] and ``aspect_ratio_mask`` [b, 1, T]."""
         b, s = len(records), self.seq_length
-        if images.shape[0] != b:
-            raise ValueError(f"{images.shape[0]} images for {b} records")
+        several = isinstance(images, tuple)
+        first = images[0] if several else images
+        if any(t.shape[0] != b for t in (images if several else (images,))):
+            raise ValueError(f"{[t.shape[0] for t in (images if several else (images,))]} images for {b} records")
         tokens = np.full((b, s), self.tok.pad_id, dtype=np.int64)
         trained = np.zeros((b, s), dtype=bool)
         padding = np.ones((b, s), dtype=bool)
@@ -148,11 +159,17 @@ class SequenceBuilder:
             from megatron_vlm.data.tiling import aspect_ratio_ids, tile_mask
 
             grid = grid.to("cpu")
-            ratio_ids = aspect_ratio_ids(grid, images.shape[1])[:, None].to(images.device)
-            ratio_mask = tile_mask(grid, images.shape[1])[:, None].to(images.device)
+            ratio_ids = aspect_ratio_ids(grid, first.shape[1])[:, None].to(first.device)
+            ratio_mask = tile_mask(grid, first.shape[1])[:, None].to(first.device)
+        router_weights = None
+        if self.router_encoders:
+            from megatron_vlm.data.encoder_weights import weights_tensor
+
+            router_weights = weights_tensor(records, self.router_encoders).to(first.device)
         return VLMBatch(tokens=tokens_t, labels=labels, loss_mask=loss_mask,
                         position_ids=torch.arange(s, dtype=torch.int64).expand(b, s).clone(),
-                        modality_ids=modality, images=images.unsqueeze(1),
-                        image_mask=torch.ones(b, 1, dtype=torch.bool, device=images.device),
+                        modality_ids=modality,
+                        images=tuple(t.unsqueeze(1) for t in images) if several else images.unsqueeze(1),
+                        image_mask=torch.ones(b, 1, dtype=torch.bool, device=first.device),
                         text_image_mask=text_image_mask, padding_mask=torch.from_numpy(padding),
-                        aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask)
+                        aspect_ratio_ids=ratio_ids, aspect_ratio_mask=ratio_mask, router_weights=router_weights)

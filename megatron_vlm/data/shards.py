@@ -9,7 +9,11 @@ A shard folder (output of :func:`build_shards`)::
 
 Manifests: JSONL, one ``{"image": "rel/path.jpg", "text": "..."}`` object per line (or
 ``"question"`` + ``"answer"`` instead of ``"text"``; extra fields are kept), or CSV with at least the
-columns ``image`` and ``text``. Image paths are relative to the image root (default: the manifest's
+columns ``image`` and ``text``. A record may carry ``"encoder_weights": [w_0, ...]`` (the data
+router's per-sample weights, :mod:`megatron_vlm.data.encoder_weights`): checked before any image is
+read (a bad value is a one-line error naming ``file:line``, nothing written) and also kept in
+``shard-NNNNNN.weights.json`` next to the shard, so that loading checks them without reading the
+shards. Image paths are relative to the image root (default: the manifest's
 folder). Every image is decode-validated (PIL ``verify()`` and a full ``load()``); unreadable,
 corrupt or missing images are skipped and listed in ``report.json``, never written. Upright JPEGs
 (RGB/grayscale, no EXIF rotation) are stored byte for byte; everything else is stored as the upright
@@ -32,6 +36,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from megatron_vlm.data import encoder_weights
 
 SHARD_PREFIX = "shard"
 INDEX_VERSION = "v1.2"
@@ -258,6 +264,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._tmp_tar = self._tmp_idx = None
         self._lines: list[str] = []
+        self._weights: list[tuple[str, list | None]] = []  # (key, encoder_weights) per sample
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
         if "." in key or "/" in key:
@@ -272,6 +279,7 @@ class ShardWriter:
             offset = self._tar.offset - _padded(len(data))  # data start = end - padded size
             components.append(f"{ext} {offset} {len(data)} {info.name}")
         self._lines.append(" ".join(components))
+        self._weights.append((key, meta.get(encoder_weights.KEY)))
         if len(self._lines) == self.shard_size:
             self._close()
 
@@ -280,13 +288,18 @@ class ShardWriter:
         self._final = (self.out_dir / f"{name}.tar", self.out_dir / f"{name}.idx")
         self._tmp_tar = self.out_dir / f".{name}.tar.tmp"
         self._tmp_idx = self.out_dir / f".{name}.idx.tmp"
+        self._tmp_weights = self.out_dir / f".{name}{encoder_weights.SIDE_SUFFIX}.tmp"
         self._tar = tarfile.open(self._tmp_tar, "w", format=tarfile.GNU_FORMAT)
-        self._lines = []
+        self._lines, self._weights = [], []
 
     def _close(self) -> None:
         self._tar.close()
         self._tmp_idx.write_text(f"{INDEX_VERSION} {len(self._lines)}\n" + "\n".join(self._lines) + "\n")
         tar, idx = self._final
+        if any(w is not None for _, w in self._weights):  # the data router's weights, for load-time checks
+            self._tmp_weights.write_text(json.dumps({"keys": [k for k, _ in self._weights],
+                                                     encoder_weights.KEY: [w for _, w in self._weights]}))
+            os.replace(self._tmp_weights, tar.with_name(tar.stem + encoder_weights.SIDE_SUFFIX))
         os.replace(self._tmp_idx, idx)  # the index first: a visible .tar always has its .idx
         os.replace(self._tmp_tar, tar)
         self.shards.append(tar.name)
@@ -299,7 +312,7 @@ class ShardWriter:
     def abort(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            for tmp in (self._tmp_tar, self._tmp_idx):
+            for tmp in (self._tmp_tar, self._tmp_idx, self._tmp_weights):
                 tmp.unlink(missing_ok=True)
             self._tar = None
 
@@ -335,7 +348,8 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
     ``shuffle_seed`` shuffles the sample order before writing (DALI shuffles only within a buffer).
     Existing shards in ``output`` are an error unless ``overwrite``. The new shards are built in
     ``output/.staging/`` and replace the old ones only when the build succeeded with at least one
-    sample: a failed or empty build leaves ``output`` as it was.
+    sample: a failed or empty build leaves ``output`` as it was. Bad ``encoder_weights`` in any
+    record raise a one-line ValueError before anything is read or written.
     """
     import shutil
 
@@ -343,12 +357,16 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
     check_build_args(shard_size, output, quality)
     if not image_root.is_dir():
         raise FileNotFoundError(f"image root {image_root}: no such folder")
+    entries = list(entries)
+    problem = encoder_weights.manifest_problem(entries)
+    if problem is not None:
+        raise ValueError(problem)
     output.mkdir(parents=True, exist_ok=True)
-    old = sorted(output.glob(f"{prefix}-*.tar")) + sorted(output.glob(f"{prefix}-*.idx"))
+    old = (sorted(output.glob(f"{prefix}-*.tar")) + sorted(output.glob(f"{prefix}-*.idx"))
+           + sorted(output.glob(f"{prefix}-*{encoder_weights.SIDE_SUFFIX}")))
     if old and not overwrite:
         raise FileExistsError(f"output {output}: already holds shards ({old[0].name}, ...); "
                               "pass overwrite=True / --overwrite to replace them")
-    entries = list(entries)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(entries)
     report = BuildReport()
@@ -377,8 +395,9 @@ def build_shards(entries: Iterable[ManifestEntry], output: str | os.PathLike, im
         shutil.rmtree(staging, ignore_errors=True)
         return report
     new_names = set()
-    for name in writer.shards:  # the index first: a visible .tar always has its .idx
-        for f in (Path(name).with_suffix(".idx").name, name):
+    for name in writer.shards:  # side files and the index first: a visible .tar always has them
+        side = Path(name).stem + encoder_weights.SIDE_SUFFIX
+        for f in ([side] if (staging / side).is_file() else []) + [Path(name).with_suffix(".idx").name, name]:
             os.replace(staging / f, output / f)
             new_names.add(f)
     for path in old:

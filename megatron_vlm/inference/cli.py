@@ -39,8 +39,12 @@ def generate_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image file (repeatable)")
     p.add_argument("--prompt", default=None, help="the text after the image(s)")
+    p.add_argument("--encoder-weights", default=None, metavar="W0,W1,...",
+                   help="with --prompt, a model with several encoders and model.fusion.router 'data': "
+                        "the image's weight per encoder (model.vision order)")
     p.add_argument("--input", default=None, metavar="FILE.jsonl",
-                   help='rows {"prompt": ..., "image": PATH | "images": [PATH, ...]} (paths relative to the file)')
+                   help='rows {"prompt": ..., "image": PATH | "images": [PATH, ...], "encoder_weights": '
+                        '[W0, ...] (data router only)} (paths relative to the file)')
     p.add_argument("--output", default=None, metavar="FILE.jsonl", help="with --input: where to write; None: stdout")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -71,10 +75,22 @@ def _requests(args) -> list:
 
     if (args.prompt is None) == (args.input is None):
         raise CliError("give exactly one of --prompt TEXT (with --image PATH ...) or --input FILE.jsonl")
+    from megatron_vlm.data.encoder_weights import value_problem
+
     if args.prompt is not None:
-        return [Request(args.prompt, list(args.image))]
-    if args.image:
-        raise CliError("--image goes with --prompt; with --input each row names its images")
+        weights = None
+        if args.encoder_weights is not None:
+            try:
+                weights = [float(w) for w in args.encoder_weights.split(",")]
+            except ValueError:
+                raise CliError(f"--encoder-weights {args.encoder_weights}: expected comma-separated numbers") from None
+            problem = value_problem(weights)
+            if problem is not None:
+                raise CliError(f"--encoder-weights {args.encoder_weights}: {problem}")
+        return [Request(args.prompt, list(args.image), weights)]
+    if args.image or args.encoder_weights is not None:
+        raise CliError("--image / --encoder-weights go with --prompt; with --input each row names its images "
+                       "and weights")
     path = Path(args.input)
     if not path.is_file():
         raise CliError(f"--input {args.input}: no such file")
@@ -92,7 +108,10 @@ def _requests(args) -> list:
         if isinstance(images, str) or not all(isinstance(i, str) for i in images):
             raise CliError(f"--input {args.input} line {n}: \"images\" must be a list of paths")
         images = [i if Path(i).is_absolute() or Path(i).exists() else str(path.parent / i) for i in images]
-        out.append(Request(row["prompt"], images))
+        weights = row.get("encoder_weights")
+        if weights is not None and value_problem(weights) is not None:
+            raise CliError(f"--input {args.input} line {n}: {value_problem(weights)}")
+        out.append(Request(row["prompt"], images, weights))
     if not out:
         raise CliError(f"--input {args.input}: no rows")
     return out
@@ -113,6 +132,9 @@ def _check_prompts(ckpt, builder, requests) -> None:
     for r in requests:
         for image in r.images:
             read_image_file(image)
+        problem = builder.weights_problem(r)
+        if problem is not None:
+            raise CliError(f"prompt {r.prompt[:40]!r}{'...' if len(r.prompt) > 40 else ''}: {problem}")
         n = len(builder.tokens(r.prompt, len(r.images)))
         if n >= ckpt.context_length:
             raise CliError(f"prompt {r.prompt[:40]!r}{'...' if len(r.prompt) > 40 else ''}: {n} tokens with its "
@@ -250,7 +272,8 @@ def generate_main(argv=None) -> int:
     if args.prompt is not None:
         print(out[0]["generated"].strip(), flush=True)
         return 0
-    rows = [dict(r.__dict__, **o) for r, o in zip(requests, out)]
+    rows = [dict({k: v for k, v in r.__dict__.items() if not (k == "encoder_weights" and v is None)}, **o)
+            for r, o in zip(requests, out)]
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if args.output:
         _write_atomic(args.output, text)
@@ -271,6 +294,7 @@ def format_result(r: dict) -> str:
 
 
 def evaluate_main(argv=None) -> int:
+    from megatron_vlm.data.encoder_weights import check_split, router_encoders
     from megatron_vlm.data.shards import list_shards
     from megatron_vlm.inference.loading import LoadError, read_checkpoint
     from megatron_vlm.runtime.spawn import SpawnError
@@ -280,15 +304,14 @@ def evaluate_main(argv=None) -> int:
         _check_common(args)
         ckpt = read_checkpoint(args.load, args.tokenizer_path, args.tensor_model_parallel_size,
                                args.pipeline_model_parallel_size)
-        tiles = getattr(ckpt.cfg.model.vision_encoder, "max_tiles", 1)
-        if tiles > 1:
-            raise CliError(f"model.vision.max_tiles={tiles}: evaluate.py supports single-tile models only "
-                           "(tiled Mllama images are not built for generation yet)")
         data_path = args.data_path or ckpt.cfg.data.data_path
         if not data_path or data_path == "mock":
             raise CliError(f"--data-path: the checkpoint names no dataset ({data_path!r}); pass --data-path DIR")
         try:
             list_shards(Path(data_path) / args.split)
+            num_encoders = router_encoders(ckpt.cfg.model)
+            if num_encoders:  # the data router: every sample's weights, from the shards' side files
+                check_split(Path(data_path) / args.split, num_encoders)
         except (FileNotFoundError, ValueError) as e:
             raise CliError(f"--data-path {data_path} --split {args.split}: {e}") from None
         if args.limit is not None and args.limit < 1:

@@ -27,7 +27,7 @@ import torch
 
 from megatron_vlm.data.samples import text_parts
 from megatron_vlm.inference.engine import SamplingParams, generate
-from megatron_vlm.inference.prompts import PromptBuilder
+from megatron_vlm.inference.prompts import PromptBuilder, PromptImages
 
 
 def _qtype(record: dict) -> str:
@@ -35,8 +35,9 @@ def _qtype(record: dict) -> str:
 
 
 def split_batches(data_path: str, split: str, image, batch_size: int, limit: int | None = None):
-    """(records, images ``[b, 3, S, S]``) batches of the split's shards in stored order, each sample once."""
-    from megatron_vlm.data.dali_pipeline import ReaderSpec, image_pipeline, json_records, to_torch
+    """(records, :class:`PromptImages` of the batch: images ``[b, 3, S, S]``, one per encoder, or
+    tiles with their grid) batches of the split's shards in stored order, each sample once."""
+    from megatron_vlm.data.dali_pipeline import ReaderSpec, batch_images, image_pipeline, json_records
     from megatron_vlm.data.shards import list_shards
 
     shards = list_shards(Path(data_path) / split)
@@ -49,17 +50,17 @@ def split_batches(data_path: str, split: str, image, batch_size: int, limit: int
     pipe = image_pipeline(spec, image, batch_size, 1, None)
     done = 0
     while done < total:
-        images, meta = pipe.run()
-        records, images = json_records(meta), to_torch(images)
+        *outputs, meta = pipe.run()
+        records, images = json_records(meta), PromptImages(*batch_images(outputs, image))
         keep = min(len(records), total - done)  # the last batch wraps around: drop the repeats
         done += keep
-        yield records[:keep], images[:keep]
+        yield records[:keep], images.select(0, keep)
     del pipe
 
 
 def _teacher_forced(model, builder, records, images, vocab_size: int) -> tuple[float, float, list[bool]]:
     """(loss sum, target tokens, per-sample correct) of one batch."""
-    batch = builder.collate(records, images)
+    batch = builder.collate(records, images.images, images.grid)
     logits = model(batch.model_inputs(with_labels=False), runtime_gather_output=True)[..., :vocab_size].float()
     mask = batch.loss_mask > 0
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels.clamp(max=vocab_size - 1),
@@ -87,7 +88,8 @@ def evaluate(model, ckpt, data_path: str, split: str = "val", batch_size: int = 
             continue
         l, n, tf = _teacher_forced(model, builder, records, images, ckpt.vocab_size)
         loss_sum, tokens = loss_sum + l, tokens + n
-        inputs = [prompts.build(text_parts(r).prompt, images[j:j + 1]) for j, r in enumerate(records)]
+        inputs = [prompts.build(text_parts(r).prompt, images.select(j, j + 1), r.get("encoder_weights"))
+                  for j, r in enumerate(records)]
         outs = generate(model, inputs, max_new_tokens, vocab_size=ckpt.vocab_size, eos_id=tok.eos_id,
                         banned=ckpt.banned_ids, sampling=SamplingParams(),
                         max_sequence_length=ckpt.context_length)

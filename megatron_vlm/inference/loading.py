@@ -120,6 +120,7 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     """This rank's model at the checkpoint config's TP (PP=1), weights loaded (resharded), eval
     mode. Collective; initialises the runtime if needed."""
     from megatron_vlm.conversion.megatron_io import ensure_runtime
+    from megatron_vlm.inference.engine import weights_in_huge_pages
     from megatron_vlm.models import build_model
     from megatron_vlm.training.checkpointing import load_checkpoint
 
@@ -128,4 +129,5 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     model = build_model(cfg, pre_process=True, post_process=True, dtype=dtype,
                         image_token_id=cfg.model.image_token_id)
     load_checkpoint(ckpt.load, [model], strict=True, load_rng=False)
+    weights_in_huge_pages(model)  # faster CPU decoding steps (an inference-only model)
     return model.eval()

@@ -5,7 +5,11 @@ tokenizer, the same image preprocessing through DALI), so that a trained model a
 One prompt is a batch-1 :class:`~megatron_vlm.data.batch.ModelInputs`: ``tokens [1, L]`` =
 ``[bos] + image positions + prompt`` (inline layout: ``num_image_tokens`` image tokens per image;
 marker layout: one ``<image>`` token per image, with ``text_image_mask [1, L, n]`` True from image
-i's marker on, as in training), ``images [1, n, 3, S, S]``, ``image_mask [1, n]``.
+i's marker on, as in training), ``images [1, n, 3, S, S]``, ``image_mask [1, n]``. Several vision
+encoders: ``images`` is a tuple of one ``[1, n, 3, S_e, S_e]`` per encoder (each image decoded once);
+with the data router ``router_weights [1, E]`` from the request's ``encoder_weights``. Tiled Mllama
+models (``max_tiles = T > 1``): ``images [1, n, T, 3, S, S]`` with ``aspect_ratio_ids [1, n]`` and
+``aspect_ratio_mask [1, n, T]``, tiled as training tiles its shards.
 
 Image files are checked (exists, a readable image) before anything is built; each problem is one
 :class:`PromptError` line naming the file.
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_vlm.data.batch import ModelInputs
-from megatron_vlm.data.dali_loader import image_spec
+from megatron_vlm.data.dali_loader import model_images
 from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.data.samples import SequenceBuilder
 
@@ -31,9 +35,28 @@ class PromptError(ValueError):
 
 @dataclass
 class Request:
-    """One row of ``tools/generate.py``: image files and a prompt."""
+    """One row of ``tools/generate.py``: image files and a prompt (and the data router's weights)."""
     prompt: str
     images: list[str] = field(default_factory=list)
+    encoder_weights: list[float] | None = None
+
+
+@dataclass
+class PromptImages:
+    """One prompt's preprocessed images: ``images`` ``[n, 3, S, S]`` (a tuple of one per encoder
+    with several) or tiles ``[n, T, 3, S, S]`` with ``grid`` ``[n, 2]``."""
+    images: torch.Tensor | tuple[torch.Tensor, ...]
+    grid: torch.Tensor | None = None
+
+    def select(self, start: int, end: int) -> "PromptImages":
+        """Images ``start:end``."""
+        images = (tuple(t[start:end] for t in self.images) if isinstance(self.images, tuple)
+                  else self.images[start:end])
+        return PromptImages(images, None if self.grid is None else self.grid[start:end])
+
+    @property
+    def count(self) -> int:
+        return (self.images[0] if isinstance(self.images, tuple) else self.images).shape[0]
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:
@@ -61,30 +84,57 @@ class PromptBuilder:
         self.cfg, self.tok = model_config, tokenizer
         self.layout = get_arch(model_config.arch).token_layout
         self.builder = SequenceBuilder.from_model_config(tokenizer, model_config)
-        self.image = image_spec(model_config.vision_encoder)
+        self.image = model_images(model_config)
+        self.router_encoders = self.builder.router_encoders  # E with the data router, else None
         self.max_images = images_per_sample
 
     def tokens(self, prompt: str, num_images: int) -> list[int]:
         return self.builder.prompt_tokens(prompt, num_images)
 
-    def build(self, prompt: str, images: torch.Tensor | None) -> ModelInputs:
-        """``images`` ``[n, 3, S, S]`` (preprocessed) or None -> one prompt."""
-        n = 0 if images is None else images.shape[0]
+    def weights_problem(self, request: Request) -> str | None:
+        """Why the request's ``encoder_weights`` do not fit the model (data router), or None."""
+        from megatron_vlm.data.encoder_weights import KEY, sample_problem
+
+        if request.encoder_weights is not None and not self.router_encoders:
+            return f"{KEY} given, but the model has no data router (several encoders, model.fusion.router 'data')"
+        if not self.router_encoders or not request.images:
+            return None
+        return sample_problem(request.encoder_weights, self.router_encoders,
+                              "--encoder-weights (or the --input row's \"encoder_weights\")")
+
+    def build(self, prompt: str, images: "PromptImages | torch.Tensor | None",
+              encoder_weights: list[float] | None = None) -> ModelInputs:
+        """``images`` (preprocessed :class:`PromptImages`, or a ``[n, 3, S, S]`` tensor) or None
+        -> one prompt; ``encoder_weights`` (E values) with the data router."""
+        if torch.is_tensor(images):
+            images = PromptImages(images)
+        n = 0 if images is None else images.count
         tokens = torch.tensor([self.tokens(prompt, n)], dtype=torch.long)
         text_image_mask = None
         if self.layout is TokenLayout.MARKER and n:
             pos = torch.arange(tokens.shape[1])
             text_image_mask = (pos[:, None] >= 1 + torch.arange(n)[None, :])[None]  # marker i at 1 + i
-        return ModelInputs(tokens, images=None if images is None else images[None],
-                           image_mask=None if images is None else torch.ones(1, n, dtype=torch.bool),
-                           text_image_mask=text_image_mask)
+        pixels = ratio_ids = ratio_mask = router_weights = None
+        if images is not None:
+            pixels = (tuple(t[None] for t in images.images) if isinstance(images.images, tuple)
+                      else images.images[None])
+            if images.grid is not None:
+                from megatron_vlm.data.tiling import aspect_ratio_ids, tile_mask
 
-    def load_images(self, requests: list[Request]) -> list[torch.Tensor | None]:
+                tiles = images.images.shape[1]
+                ratio_ids, ratio_mask = aspect_ratio_ids(images.grid, tiles)[None], tile_mask(images.grid, tiles)[None]
+            if self.router_encoders:
+                from megatron_vlm.data.encoder_weights import KEY, weights_tensor
+
+                router_weights = weights_tensor([{KEY: encoder_weights, "key": f"prompt {prompt[:40]!r}"}],
+                                                self.router_encoders)
+        return ModelInputs(tokens, images=pixels,
+                           image_mask=None if images is None else torch.ones(1, n, dtype=torch.bool),
+                           text_image_mask=text_image_mask, aspect_ratio_ids=ratio_ids,
+                           aspect_ratio_mask=ratio_mask, router_weights=router_weights)
+
+    def load_images(self, requests: list[Request]) -> list[PromptImages | None]:
         """Every request's images, preprocessed (one DALI run for all files); files checked first."""
-        tiles = getattr(self.cfg.vision_encoder, "max_tiles", 1)
-        if tiles > 1 and any(r.images for r in requests):
-            raise PromptError(f"model.vision.max_tiles={tiles}: generation from image files supports "
-                              "single-tile models only (tiled Mllama images are not built here yet)")
         files = [read_image_file(p) for r in requests for p in r.images]
         for r in requests:
             if self.max_images is not None and len(r.images) > self.max_images:
@@ -94,12 +144,17 @@ class PromptBuilder:
             return [None] * len(requests)
         from megatron_vlm.data.dali_pipeline import decode_images
 
-        decoded = decode_images(files, self.image)
+        decoded = PromptImages(*decode_images(files, self.image))
         out, i = [], 0
         for r in requests:
-            out.append(decoded[i:i + len(r.images)] if r.images else None)
+            out.append(decoded.select(i, i + len(r.images)) if r.images else None)
             i += len(r.images)
         return out
 
     def build_all(self, requests: list[Request]) -> list[ModelInputs]:
-        return [self.build(r.prompt, images) for r, images in zip(requests, self.load_images(requests))]
+        for r in requests:
+            problem = self.weights_problem(r)
+            if problem is not None:
+                raise PromptError(f"prompt {r.prompt[:40]!r}: {problem}")
+        return [self.build(r.prompt, images, r.encoder_weights)
+                for r, images in zip(requests, self.load_images(requests))]

@@ -11,6 +11,8 @@ materialising the ``[b, heads, sq, sk]`` score matrix. GQA is native (no repeat 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -40,7 +42,8 @@ class SDPAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None if attention_mask is None or mask_type == AttnMaskType.no_mask else ~attention_mask
         dropout = self.dropout if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork():  # distinct dropout streams per TP rank
+        # distinct dropout streams per TP rank (no dropout, e.g. generation: nothing drawn, no fork)
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=causal, scale=self.softmax_scale,
                                                  enable_gqa=k.shape[1] != q.shape[1])

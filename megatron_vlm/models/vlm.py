@@ -17,7 +17,15 @@ Submodules and state-dict prefixes::
     language_model.*      megatron GPTModel (embedding.word_embeddings, decoder.layers.N.*,
                           decoder.final_layernorm, output_layer)    split by pipeline stage
 
-Pipeline parallel: the vision encoder and projector live on the first stage (virtual stage 0).
+Several encoders (``model.vision`` a list; ``megatron_vlm/models/fusion.py``)::
+
+    vision_models.<name>.*        each encoder (as vision_model.* above), keyed by its name
+    vision_projections.<name>.*   fusion.space=projected: each encoder's projector (its width -> language)
+    vision_projection.*           fusion.space=vision: one projector after the fusion
+    fusion.*                      router / cross-attention / gate
+
+Pipeline parallel: the vision encoder(s), fusion and projector(s) live on the first stage
+(virtual stage 0).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from megatron_vlm.data.batch import IMAGE_MODALITY, TEXT_MODALITY, ModelInputs, 
 from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.models import specs
 from megatron_vlm.models.backends import backend_provider
+from megatron_vlm.models.fusion import Fusion, ModuleDictWithShards, fusion_width
 from megatron_vlm.models.vocab import install_padded_vocab_mask
 
 
@@ -170,6 +179,17 @@ def projector_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
     return TransformerConfig(**kw)
 
 
+def fusion_transformer_config(cfg: ModelConfig, parallel: ParallelConfig,
+                              dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
+    """The fusion's width (``fusion.fusion_width``) and ``fusion.heads`` heads (cross_attn's
+    tensor-parallel linears); replicated otherwise, never pipeline-split."""
+    width = fusion_width(cfg)
+    # heads: cross_attn's; otherwise unused (megatron only asks that TP divides them)
+    heads = cfg.fusion.heads if cfg.fusion.method == "cross_attn" else parallel.tensor_model_parallel_size
+    return projector_transformer_config(cfg, parallel, dtype, hidden_size=width, num_attention_heads=heads,
+                                        ffn_hidden_size=width, **overrides)
+
+
 def recompute_fields(t) -> dict:
     """The language decoder's activation-recompute fields of megatron's TransformerConfig."""
     if t.recompute_granularity is None:
@@ -185,7 +205,8 @@ class VLMModel(MegatronModule):
 
     ``forward(inputs: ModelInputs, inference_context=None, runtime_gather_output=None)`` with
     ``inputs.tokens`` ``[b, s]`` and ``inputs.images`` ``[b, n, 3, H, W]`` (tiled Mllama:
-    ``[b, n, T, 3, H, W]`` + ``aspect_ratio_ids``/``aspect_ratio_mask``) returns the per-token loss
+    ``[b, n, T, 3, H, W]`` + ``aspect_ratio_ids``/``aspect_ratio_mask``; several encoders: a tuple,
+    see ``encode_images``) returns the per-token loss
     ``[b, s]`` when ``inputs.labels`` is given (last stage), logits ``[b, s, vocab/tp]`` without
     labels, or the hidden states ``[s(/tp), b, h]`` on a non-last pipeline stage.
     """
@@ -205,6 +226,7 @@ class VLMModel(MegatronModule):
             **recompute_fields(t), **self.arch.transformer_config(mc), **init)
         super().__init__(config=self.language_config)
         self.cfg = mc
+        self.cfg_training = t
         self.parallel = parallel
         self.images_per_sample = cfg.data.images_per_sample
         self.pre_process = pre_process
@@ -218,35 +240,54 @@ class VLMModel(MegatronModule):
 
         self.vision_model = None
         self.vision_projection = None
-        if self.add_encoder:
+        self.vision_models = self.vision_projections = self.fusion = None  # several encoders
+        if self.add_encoder and not mc.multi_encoder:
             v = mc.vision_encoder
-            if v.hf_config is not None:  # a transformers vision tower, used as is (e.g. Mllama's)
-                from megatron_vlm.models.hf_vision import build_hf_vision_encoder
-
-                with contextlib.nullcontext() if init_weights else _no_hf_init():
-                    self.vision_model = build_hf_vision_encoder(v.hf_config, dtype)
+            self.vision_model = self._build_encoder(v, dtype, init_weights, init)
+            self.vision_projection = self._build_projector(
+                getattr(self.vision_model, "output_size", v.hidden_size), dtype, init)
+        elif self.add_encoder:
+            self.vision_models = ModuleDictWithShards(
+                {v.name: self._build_encoder(v, dtype, init_weights, init) for v in mc.vision})
+            if mc.fusion.space == "projected":
+                self.vision_projections = ModuleDictWithShards({v.name: self._build_projector(
+                    getattr(self.vision_models[v.name], "output_size", v.hidden_size), dtype, init) for v in mc.vision})
             else:
-                norm = self.backend_provider.layer_norm()
-                self.vision_model = CLIPViTModel(
-                    vision_transformer_config(v, parallel, dtype, t.fp8_format, t.fp8_recipe, **init),
-                    specs.vision_layer_spec(self.backend_provider), ln_pre_impl=norm,
-                    ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
-                    # the conv stem floors the grid; megatron asserts a multiple, so give it the
-                    # covered size (the images themselves stay image_size px)
-                    patch_dim=v.patch_size, img_h=v.patches_per_side * v.patch_size,
-                    img_w=v.patches_per_side * v.patch_size)
-            self.vision_projection = MultimodalProjector(
-                projector_transformer_config(mc, parallel, dtype, **init),
-                specs.projector_submodules(self.backend_provider), mc.projector,
-                getattr(self.vision_model, "output_size", v.hidden_size))
-            if mc.projector == "affine" and hasattr(self.vision_projection.encoder, "skip_bias_add"):
-                # megatron's affine projector gathers the TP output but then adds the rank's bias
-                # shard (shape error at TP > 1): add the bias before the gather instead
-                self.vision_projection.encoder.skip_bias_add = False
+                self.vision_projection = self._build_projector(fusion_width(mc), dtype, init)
+            self.fusion = Fusion(mc, fusion_transformer_config(mc, parallel, dtype, **init))
         self.language_model = self.build_language_model()
         install_padded_vocab_mask(self.language_model, mc.language)  # padded ids: out of the softmax
         self.freeze(vision=mc.freeze_vision, projector=mc.freeze_projector,
                     language=mc.freeze_language)
+
+    def _build_encoder(self, v: VisionConfig, dtype: torch.dtype, init_weights: bool, init: dict):
+        """Encoder ``v``: megatron's CLIPViTModel, or a wrapped transformers tower (``hf_config``)."""
+        if v.hf_config is not None:  # a transformers vision tower, used as is (e.g. Mllama's)
+            from megatron_vlm.models.hf_vision import build_hf_vision_encoder
+
+            with contextlib.nullcontext() if init_weights else _no_hf_init():
+                return build_hf_vision_encoder(v.hf_config, dtype)
+        t, norm = self.cfg_training, self.backend_provider.layer_norm()
+        return CLIPViTModel(
+            vision_transformer_config(v, self.parallel, dtype, t.fp8_format, t.fp8_recipe, **init),
+            specs.vision_layer_spec(self.backend_provider), ln_pre_impl=norm,
+            ln_post_impl=norm, add_class_token=v.add_class_token, class_token_len=1,
+            # the conv stem floors the grid; megatron asserts a multiple, so give it the
+            # covered size (the images themselves stay image_size px)
+            patch_dim=v.patch_size, img_h=v.patches_per_side * v.patch_size,
+            img_w=v.patches_per_side * v.patch_size)
+
+    def _build_projector(self, input_size: int, dtype: torch.dtype, init: dict) -> MultimodalProjector:
+        """megatron's MultimodalProjector ``input_size`` -> language width (``model.projector``)."""
+        mc = self.cfg
+        projection = MultimodalProjector(projector_transformer_config(mc, self.parallel, dtype, **init),
+                                         specs.projector_submodules(self.backend_provider), mc.projector,
+                                         input_size)
+        if mc.projector == "affine" and hasattr(projection.encoder, "skip_bias_add"):
+            # megatron's affine projector gathers the TP output but then adds the rank's bias
+            # shard (shape error at TP > 1): add the bias before the gather instead
+            projection.encoder.skip_bias_add = False
+        return projection
 
     # ---- construction -------------------------------------------------------------------------
     def build_language_model(self) -> MegatronModule:
@@ -283,9 +324,14 @@ class VLMModel(MegatronModule):
     # ---- shared pieces ------------------------------------------------------------------------
     def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
         """Stop gradients of the vision encoder / projector / language model (LLaVA stage 1:
-        vision + language frozen, projector trained)."""
-        modules = ([self.vision_model] if vision else []) + (
-            [self.vision_projection] if projector else []) + ([self.language_model] if language else [])
+        vision + language frozen, projector trained). Several encoders: each encoder's own
+        ``freeze`` (null = ``vision``); the projectors and the fusion follow ``projector``."""
+        frozen = [v.name for v in self.cfg.vision if (v.freeze if v.freeze is not None else vision)]
+        modules = ([self.vision_model] if frozen and self.vision_models is None else []) + (
+            [self.vision_projection, self.vision_projections, self.fusion] if projector else []) + (
+            [self.language_model] if language else [])
+        if self.vision_models is not None:
+            modules += [self.vision_models[name] for name in frozen]
         for module in modules:
             if module is not None:
                 for p in module.parameters():
@@ -305,23 +351,58 @@ class VLMModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, images: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
-                      aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(self, images, aspect_ratio_ids: torch.Tensor | None = None,
+                      aspect_ratio_mask: torch.Tensor | None = None,
+                      router_weights: torch.Tensor | None = None) -> torch.Tensor:
         """images ``[b, n, 3, H, W]`` -> projected features ``[b, n, k, h_lm]`` (k tokens per image).
         Tiled (Mllama tower): images ``[b, n, T, 3, H, W]`` + ``aspect_ratio_ids`` ``[b, n]`` and
-        ``aspect_ratio_mask`` ``[b, n, T]`` -> ``[b, n, T*k, h_lm]`` (tile-major)."""
+        ``aspect_ratio_mask`` ``[b, n, T]`` -> ``[b, n, T*k, h_lm]`` (tile-major).
+        Several encoders: a tuple of E tensors ``[b, n, 3, H_e, W_e]`` (``model.vision`` order) and,
+        for ``fusion.router: data``, ``router_weights`` ``[b, E]`` -> the fused ``[b, n, k, h_lm]``."""
+        if self.fusion is None:
+            b, n = images.shape[:2]
+            feats = self._encoder_features(self.vision_model, self.cfg.vision_encoder, images,
+                                           aspect_ratio_ids, aspect_ratio_mask)
+            feats = self._project(self.vision_projection, feats)
+            return feats.reshape(b, n, -1, feats.shape[-1])
+        vision = self.cfg.vision
+        if not isinstance(images, (tuple, list)) or len(images) != len(vision):
+            got = f"a tuple of {len(images)}" if isinstance(images, (tuple, list)) else f"a {type(images).__name__}"
+            raise ValueError(f"images: {got}; model.vision has {len(vision)} encoders: expected a tuple of "
+                             f"{len(vision)} tensors [batch, images, 3, H, W] in model.vision order")
+        b, n = images[0].shape[:2]
+        tokens = []
+        for v, x in zip(vision, images):
+            feats = self._encoder_features(self.vision_models[v.name], v, x)  # [b*n, k_e, h_e]
+            if self.vision_projections is not None:
+                feats = self._project(self.vision_projections[v.name], feats)
+            tokens.append(feats)
+        if router_weights is not None:  # per sample -> per image
+            router_weights = router_weights[:, None].expand(b, n, -1).reshape(b * n, -1)
+        fused = self.fusion(tokens, router_weights)  # [b*n, k, d]
+        if self.vision_projections is None:
+            fused = self._project(self.vision_projection, fused)
+        return fused.reshape(b, n, -1, fused.shape[-1])
+
+    def _encoder_features(self, model, v: VisionConfig, images: torch.Tensor, aspect_ratio_ids=None,
+                          aspect_ratio_mask=None) -> torch.Tensor:
+        """``[b, n, (T,) 3, H, W]`` -> encoder features ``[b*n, (T*)k, h_v]`` (class token dropped
+        when ``drop_vision_class_token``)."""
         b, n = images.shape[:2]
-        images = images.to(next(self.vision_model.parameters()).dtype)
+        images = images.to(next(model.parameters()).dtype)
         if images.dim() == 6:
-            feats = self.vision_model(images.reshape(b * n, *images.shape[2:]), aspect_ratio_ids.reshape(b * n),
-                                      aspect_ratio_mask.reshape(b * n, -1))  # [b*n, T, s_v, h_v]
+            feats = model(images.reshape(b * n, *images.shape[2:]), aspect_ratio_ids.reshape(b * n),
+                          aspect_ratio_mask.reshape(b * n, -1))  # [b*n, T, s_v, h_v]
         else:
-            feats = self.vision_model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
-        if self.cfg.vision_encoder.add_class_token and self.cfg.drop_vision_class_token:
+            feats = model(images.reshape(b * n, *images.shape[2:]))  # [b*n, s_v, h_v]
+        if v.add_class_token and self.cfg.drop_vision_class_token:
             feats = feats[..., 1:, :]
-        feats = feats.reshape(b * n, -1, feats.shape[-1])
-        feats = self.vision_projection(feats.transpose(0, 1).contiguous())  # [k, b*n, h_lm]
-        return feats.transpose(0, 1).reshape(b, n, -1, feats.shape[-1])
+        return feats.reshape(b * n, -1, feats.shape[-1])
+
+    @staticmethod
+    def _project(projection, feats: torch.Tensor) -> torch.Tensor:
+        """``[B, k, h_v]`` -> ``[B, k, h_lm]`` through a MultimodalProjector (sequence-first)."""
+        return projection(feats.transpose(0, 1).contiguous()).transpose(0, 1)
 
     def modality_ids(self, inputs: ModelInputs) -> torch.Tensor:
         """``inputs.modality_ids``, or the arch's token layout's: image tokens are modality 0
@@ -346,7 +427,8 @@ class VLMModel(MegatronModule):
     def forward(self, inputs: ModelInputs, inference_context=None, runtime_gather_output=None):
         image_embeddings = None
         if self.add_encoder and inputs.images is not None:
-            image_embeddings = self.encode_images(inputs.images, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask)
+            image_embeddings = self.encode_images(inputs.images, inputs.aspect_ratio_ids, inputs.aspect_ratio_mask,
+                                                  inputs.router_weights)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=inputs.tokens,

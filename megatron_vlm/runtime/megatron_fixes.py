@@ -1,4 +1,4 @@
-"""Fixes for megatron-core 0.16.1 bugs that are not CPU-specific.
+"""Fixes for megatron-core 0.16.1 bugs (and decoding costs) that are not CPU-specific.
 
 Applied by :func:`megatron_vlm.runtime.initialize` (CPU and GPU) when the bug's condition holds;
 idempotent. Like ``cpu.py`` this is a place that touches megatron-core internals, kept apart so
@@ -57,6 +57,74 @@ def _fix_torch_adam_checkpoint():
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _fix_static_cache_rope():
+    """Generation with megatron's ``StaticInferenceContext``: ``Attention._adjust_key_value_for_inference``
+    stores the keys before RoPE and hands back the embedding of every cached position, so the
+    attention re-rotates the whole cache ``[0, offset + s)`` at every decoding step (O(sequence) work
+    per layer and step; the dynamic context rotates each key once). Self-attention keys are rotated
+    here, with their own positions ``[offset, offset + s)``, before they enter the cache, and the
+    attention gets the query's embedding only. RoPE is elementwise per position, so the attention
+    sees the same keys, bit for bit. Training (no context), flash decoding (rotates before caching
+    itself), layers without RoPE and cross-attention take megatron's path unchanged."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer import attention
+
+    original = attention.Attention._adjust_key_value_for_inference
+
+    def adjust(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        if (inference_context is None or not inference_context.is_static_batching() or self.config.flash_decode
+                or self.attention_type != "self" or not isinstance(rotary_pos_emb, tuple)
+                or rotary_pos_emb[1] is None):
+            return original(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        start = inference_context.sequence_len_offset
+        key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start:start + key.shape[0]], config=self.config,
+                                   mscale=attention._yarn_get_concentration_factor_from_config(self.config),
+                                   cp_group=self.pg_collection.cp)
+        query, key, value, (q_pos_emb, _), mask_type, block_table = original(
+            self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        return query, key, value, (q_pos_emb, None), mask_type, block_table
+
+    attention.Attention._adjust_key_value_for_inference = adjust
+
+
+def _fix_no_grad_linear():
+    """Outside autograd (generation, eval under ``no_grad``) megatron's parallel linears still run
+    through an autograd Function (``LinearWithGradAccumulationAndAsyncCommunication`` /
+    ``LinearWithFrozenWeight``, with its autocast decorator and process-group lookup: ~1 ms of Python
+    per decoding step of a 4-layer model), whose forward is ``matmul(input, weight.t()) (+ bias)``
+    once the sequence-parallel all-gather is done. Without grad and without sequence parallelism,
+    call that matmul directly: the same op, the same result. Likewise the linears' TP mappings
+    (autograd Functions too): without grad, copy-to-region is the input itself and
+    reduce-from-region the all-reduce alone (nothing at TP=1)."""
+    from megatron.core.tensor_parallel import layers, mappings
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    copy_to, reduce_from = layers.copy_to_tensor_model_parallel_region, layers.reduce_from_tensor_model_parallel_region
+
+    def copy_to_region(input_, group=None):
+        return copy_to(input_, group) if torch.is_grad_enabled() else input_
+
+    def reduce_from_region(input_, group=None):
+        if torch.is_grad_enabled():
+            return reduce_from(input_, group)
+        return mappings._reduce(input_, get_tensor_model_parallel_group_if_none(group))
+
+    layers.copy_to_tensor_model_parallel_region = copy_to_region  # the names the linears call
+    layers.reduce_from_tensor_model_parallel_region = reduce_from_region
+
+    for cls in (layers.ColumnParallelLinear, layers.RowParallelLinear):
+        original = cls._forward_impl
+
+        def _forward_impl(self, input, weight, *args, _original=original, **kwargs):
+            if torch.is_grad_enabled() or args or kwargs.get("sequence_parallel"):
+                return _original(self, input, weight, *args, **kwargs)
+            output = torch.matmul(input, weight.t())
+            bias = kwargs.get("bias")
+            return output if bias is None else output + bias
+
+        cls._forward_impl = _forward_impl
+
+
 def needs_torch_adam_fix() -> bool:
     """The distributed optimizer wraps torch Adam (not apex/TE FusedAdam) when neither imports."""
     from megatron.core.optimizer import distrib_optimizer
@@ -71,4 +139,9 @@ def apply() -> list[str]:
         _fix_torch_adam_checkpoint()
         _applied.add("torch_adam_checkpoint")
         done.append("torch_adam_checkpoint")
+    for name, fix in (("static_cache_rope", _fix_static_cache_rope), ("no_grad_linear", _fix_no_grad_linear)):
+        if name not in _applied:
+            fix()
+            _applied.add(name)
+            done.append(name)
     return done

@@ -89,12 +89,15 @@ def _rng_sharded_object(state: dict | None) -> ShardedObject:
 
 def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer=None,
                     opt_param_scheduler=None, config=None, extra: dict | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, sharded_strategy=None) -> Path:
     """Write ``iter_{iteration}`` atomically and point ``latest`` at it. Collective over all ranks.
-    (The arch's layer metadata, e.g. ``non_homogeneous_layers``, comes from the model itself.)"""
+    (The arch's layer metadata, e.g. ``non_homogeneous_layers``, comes from the model itself.)
+    ``sharded_strategy``: a megatron save strategy other than its default torch_dist one (e.g. the
+    conversion's in-process ``megatron_io.StreamingSave``)."""
     save_dir = Path(save_dir)
     final, tmp = iteration_dir(save_dir, iteration), save_dir / f".tmp_iter_{iteration:07d}"
-    _writer_manager_dies_with_this_process()
+    if sharded_strategy is None:  # megatron's default writer; a custom one brings its own
+        _writer_manager_dies_with_this_process()
     if _rank0():
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -107,7 +110,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=metadata)
     sharded["rng_state"] = _rng_sharded_object(_rng_state())
-    dist_checkpointing.save(sharded, str(tmp), content_metadata=metadata)
+    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=sharded_strategy, content_metadata=metadata)
     fault_point("save_written", iteration)
     if _rank0():
         state = {"iteration": iteration, "extra": extra or {}, "layout": _layout(),
@@ -342,9 +345,14 @@ def config_mismatches(saved: dict, config) -> list[str]:
                 out.append(f"model.{where}.hf_config: checkpoint {'set' if a.get('hf_config') else 'none'}, "
                            f"this run {'set' if b.get('hf_config') else 'none'}")
                 continue
-            for k in SHAPE_KEYS_VISION:
+            for k in SHAPE_KEYS_VISION + (("name", "generalist") if len(ov) > 1 else ()):
                 if k in a and b.get("hf_config") is None:
                     cmp(f"{where}.{k}", a[k], b[k])
+    if len(ov) > 1:  # the fusion's parameters follow its method / space / heads / router width
+        tf, of = theirs.get("fusion", {}), ours["fusion"]
+        for k in ("method", "space", "heads", "router", "router_hidden_size"):
+            if k in tf:
+                cmp(f"fusion.{k}", tf[k], of[k])
     return out
 
 
@@ -359,7 +367,8 @@ def read_config(load_dir: str | Path, iteration: int | None = None) -> dict:
 def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param_scheduler=None,
                     strict: bool = True, load_rng: bool = True, iteration: int | None = None) -> dict:
     """Load ``latest`` (or ``iteration``) into the model chunks (and optimizer), resharding to
-    the current TP/PP. Returns ``{"iteration", "extra", "config"}``. Collective."""
+    the current TP/PP. Returns ``{"iteration", "extra", "config", "optimizer_loaded"}`` (False: the
+    optimizer keeps its state; for bf16/fp16 call its ``reload_model_params()``). Collective."""
     iteration = read_latest(load_dir) if iteration is None else iteration
     if iteration is None:
         raise FileNotFoundError(f"--load {load_dir}: no '{LATEST}' file: not a checkpoint directory")
@@ -391,4 +400,5 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, opt_param
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     if opt_param_scheduler is not None and meta.get("scheduler"):
         opt_param_scheduler.load_state_dict(meta["scheduler"])
-    return {"iteration": iteration, "extra": meta.get("extra", {}), "config": read_config(load_dir, iteration)}
+    return {"iteration": iteration, "extra": meta.get("extra", {}), "config": read_config(load_dir, iteration),
+            "optimizer_loaded": "optimizer" in sharded}

@@ -6,6 +6,11 @@ validation batches, the tokenizer's vocab size / image token, and a resumable po
   or ``tools/prepare_data.py`` output) -> the DALI pipeline;
 * ``mock`` -> deterministic random batches (like Megatron's ``--mock-data``), for smoke tests and
   benchmarks without data.
+
+Several vision encoders: ``images`` of each batch is a tuple (one tensor per encoder) and, with
+``model.fusion.router: data``, ``router_weights`` come from the samples' manifest records; those
+are checked for every sample of both splits in :meth:`DataSpec.from_config`, before anything is
+built. Every TP / PP rank of one DP rank builds the same batches (tuple fields included).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ class DataSpec:
 
         for split in ("train", "val"):
             check_shards(root / split)  # a truncated shard or index is named here, not by the reader
+        from megatron_vlm.data.encoder_weights import check_split, router_encoders
+
+        num_encoders = router_encoders(cfg.model)
+        if num_encoders:  # the data router: every sample's weights (shard side files; no image read)
+            for split in ("train", "val"):
+                check_split(root / split, num_encoders)
         tok_path = cfg.data.tokenizer_path if cfg.data.tokenizer_path is not None else str(root / "tokenizer")
         if not (Path(tok_path) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"--tokenizer-path {tok_path}: no tokenizer.json")

@@ -36,9 +36,40 @@ def _cross_attention_layer(tokens: int, image_tokens: int, kv_per_sample: int, h
     return q + kv + scores + proj + mlp
 
 
+def _encoder(v, images: int) -> float:
+    """Forward FLOPs of encoder ``v`` over ``images`` images (every tile of a tiled one)."""
+    vt = images * v.max_tiles * v.seq_length
+    vision = v.num_layers * _transformer_layer(vt, v.seq_length, v.hidden_size, v.num_attention_heads,
+                                               v.num_attention_heads, v.ffn_hidden_size, gated=False)
+    return vision + 2 * vt * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
+
+
+def _projector(tokens: int, width: int, h: int) -> float:
+    return 2 * tokens * (width * h + h ** 2)
+
+
+def _fusion(m, images: int) -> float:
+    """Forward FLOPs of ``model.fusion`` over ``images`` images (several encoders): router MLP,
+    weighted sum, or cross-attention (q, kv, scores, output) of the generalist's tokens over the
+    specialists'."""
+    from megatron_vlm.models.fusion import fusion_width, routed_encoders
+
+    f, d = m.fusion, fusion_width(m)
+    if f.method == "sequence_append":
+        return 0.0
+    routed = len(routed_encoders(m))
+    k = m.encoder_image_tokens(m.generalist)
+    router = 2 * images * (d * f.router_hidden_size + f.router_hidden_size * routed) if f.router == "learned" else 0
+    if f.method == "weighted_average":
+        return router + 2 * images * len(m.vision) * k * d
+    keys = sum(m.encoder_image_tokens(v) for v in m.vision if v is not m.generalist)
+    return router + 2 * images * (k * d * d + keys * d * 2 * d + 2 * k * keys * d + k * d * d)
+
+
 def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers: int = 0) -> float:
-    """Training FLOPs of one iteration over ``global_batch_size`` samples."""
-    m, lang, v = cfg.model, cfg.model.language, cfg.model.vision_encoder
+    """Training FLOPs of one iteration over ``global_batch_size`` samples: every vision encoder,
+    their projector(s) and the fusion of several (``model.fusion``) included."""
+    m, lang = cfg.model, cfg.model.language
     b, s = global_batch_size, lang.seq_length
     n_img = cfg.data.images_per_sample
     tokens = b * s
@@ -47,22 +78,29 @@ def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers:
     lm = self_layers * _transformer_layer(tokens, s, lang.hidden_size, lang.num_attention_heads,
                                           groups, lang.ffn_hidden_size, gated=True)
     lm += 2 * tokens * lang.hidden_size * lang.vocab_size  # output layer
-    tiles = v.max_tiles  # Mllama tiling: every tile (padded ones too) goes through the encoder
+    tiles = m.generalist.max_tiles  # Mllama tiling: every tile (padded ones too) goes through the encoder
     k = tiles * m.num_image_tokens
     if cross_attention_layers:
         lm += cross_attention_layers * _cross_attention_layer(
             tokens, b * n_img * k, n_img * k, lang.hidden_size, lang.num_attention_heads, groups,
             lang.ffn_hidden_size)
-    vt = b * n_img * tiles * v.seq_length
-    vision = v.num_layers * _transformer_layer(vt, v.seq_length, v.hidden_size, v.num_attention_heads,
-                                               v.num_attention_heads, v.ffn_hidden_size, gated=False)
-    vision += 2 * vt * 3 * v.patch_size ** 2 * v.hidden_size  # patch embedding
-    projector = 2 * b * n_img * k * (v.hidden_size * lang.hidden_size + lang.hidden_size ** 2)
-    # forward 1x, weight and input gradients 1x each; a frozen projector still passes input
-    # gradients to a trainable encoder
-    vision_factor = 1 if m.freeze_vision else 3
-    projector_factor = 3 if not m.freeze_projector else (1 if m.freeze_vision else 2)
-    return 3 * lm + projector_factor * projector + vision_factor * vision
+    # forward 1x, weight and input gradients 1x each; a frozen projector (and fusion) still passes
+    # input gradients to a trainable encoder
+    h, images = lang.hidden_size, b * n_img
+    frozen = [v.freeze if v.freeze is not None else m.freeze_vision for v in m.vision]
+    vision = sum((1 if fz else 3) * _encoder(v, images) for v, fz in zip(m.vision, frozen))
+    if not m.multi_encoder:
+        v = m.vision[0]
+        projector_factor = 3 if not m.freeze_projector else (1 if frozen[0] else 2)
+        return 3 * lm + projector_factor * _projector(images * k, v.hidden_size, h) + vision
+    after_all = 3 if not m.freeze_projector else (1 if all(frozen) else 2)
+    if m.fusion.space == "projected":
+        projector = sum((3 if not m.freeze_projector else (1 if fz else 2))
+                        * _projector(images * m.encoder_image_tokens(v), v.hidden_size, h)
+                        for v, fz in zip(m.vision, frozen))
+    else:
+        projector = after_all * _projector(images * k, m.generalist.hidden_size, h)
+    return 3 * lm + projector + after_all * _fusion(m, images) + vision
 
 
 def peak_tflops(cfg: Config) -> tuple[float | None, str]:

@@ -23,6 +23,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_vlm import runtime
 from megatron_vlm.archs import get_arch
 from megatron_vlm.config import Config
+from megatron_vlm.models.fusion import collect_metrics as fusion_metrics
 from megatron_vlm.training import checkpointing, flops
 from megatron_vlm.training.step import (build_model_chunks, build_optimizer, forward_backward,
                                         next_batch, reduce_losses, unwrap, zero_grads)
@@ -177,7 +178,9 @@ def train(cfg: Config, data) -> TrainResult:
     t = cfg.training
     ctx = runtime.context()
     arch = get_arch(cfg.model.arch)
-    model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id)
+    # --load (resume or --finetune) loads every weight, strictly (cli.py has already turned a --load
+    # folder without a checkpoint into a fresh start): no random init of weights overwritten next
+    model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id, init_weights=not t.load)
     optimizer, scheduler = build_optimizer(cfg, model_chunks)
     start_iter = 0
     if t.load:
@@ -190,6 +193,10 @@ def train(cfg: Config, data) -> TrainResult:
         except Exception as e:
             msg = " ".join(str(e).split())[:500]
             raise TrainingError(f"--load {t.load}: cannot load the checkpoint ({type(e).__name__}: {msg})") from e
+        if not state["optimizer_loaded"]:
+            # the optimizer's fp32 main params (bf16/fp16) were copied from the weights at build
+            # time: take the loaded weights (Megatron-LM does the same for --finetune/--no-load-optim)
+            optimizer.reload_model_params()
         if t.finetune:
             _print0(f"loaded the weights of {t.load} (iteration {state['iteration']}); --finetune: "
                     f"starting at iteration 0 with a fresh optimizer and data position")
@@ -229,6 +236,7 @@ def train(cfg: Config, data) -> TrainResult:
             losses = forward_backward(model_chunks, micro_batches, seq_length)
             loss = reduce_losses(losses, t.calculate_per_token_loss)
             arch_metrics = arch.collect_metrics(cfg)
+            arch_metrics.update(fusion_metrics(cfg))  # router_weight_<encoder> (several encoders)
             iteration += 1
             if not math.isfinite(loss):
                 bad_in_a_row += 1
@@ -264,6 +272,7 @@ def train(cfg: Config, data) -> TrainResult:
             if t.eval_interval and (iteration % t.eval_interval == 0 or iteration == t.train_iters):
                 eval_result = evaluate(model_chunks, data.val_batches(num_mb, t.eval_iters), seq_length)
                 eval_result.update(arch.collect_metrics(cfg, "eval_"))
+                eval_result.update(fusion_metrics(cfg, "eval_"))
                 logger.log({"iteration": iteration, **eval_result})
                 extra = "".join(f" | {k[5:]} {100 * v:.1f}%" for k, v in eval_result.items()
                                 if k.endswith("_acc") and k.startswith("eval_"))

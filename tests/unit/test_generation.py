@@ -62,7 +62,8 @@ def test_prompt_is_the_training_layout(setup, arch):
     cfg.model.vision_encoder.image_size, cfg.model.vision_encoder.patch_size = 16, 8
     cfg.model.language.seq_length = 40
     record = {"question": "what colour is the circle?", "answer": "red"}
-    pixels = decode_images([(root / "img.jpg").read_bytes()], image_spec(cfg.model.vision_encoder))
+    pixels, grid = decode_images([(root / "img.jpg").read_bytes()], image_spec(cfg.model.vision_encoder))
+    assert grid is None
     batch = SequenceBuilder.from_model_config(tok, cfg.model).collate([record], pixels)
     (prompt,) = PromptBuilder(cfg.model, tok).build_all([Request(record["question"], [str(root / "img.jpg")])])
     n = prompt.tokens.shape[1]

@@ -75,7 +75,7 @@ def validate(cfg: Config) -> None:
     tp = p.tensor_model_parallel_size
     if p.sequence_parallel and tp > 1:  # the image features are scattered along n*k over the TP ranks
         # k: feature tokens per image (model.tokens_per_image: every tile's with Mllama tiling)
-        k = getattr(cfg.model.vision_encoder, "max_tiles", 1) * cfg.model.num_image_tokens
+        k = getattr(cfg.model.generalist, "max_tiles", 1) * cfg.model.num_image_tokens
         nk = cfg.data.images_per_sample * k
         if nk % tp:
             raise ConfigError(f"data.images_per_sample x model image tokens = {cfg.data.images_per_sample} x "

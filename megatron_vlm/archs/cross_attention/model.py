@@ -57,8 +57,9 @@ from megatron_vlm.archs.cross_attention.layers import (GatedCrossAttentionLayer,
 from megatron_vlm.models.vlm import VLMModel
 
 def tokens_per_image(model_cfg) -> int:
-    """Image feature tokens per image: every tile's (``model.vision.max_tiles``, padded tiles too)."""
-    return model_cfg.vision_encoder.max_tiles * model_cfg.num_image_tokens
+    """Image feature tokens per image: every tile's (``model.vision.max_tiles``, padded tiles too);
+    several encoders (never tiled): the fused tokens (``num_image_tokens``)."""
+    return model_cfg.generalist.max_tiles * model_cfg.num_image_tokens
 
 
 def wire_length(model_cfg, pipeline_size: int, images_per_sample: int) -> int:

@@ -28,7 +28,7 @@ State-dict layout of a MoT layer (``{m}`` = modality name ``image`` | ``text``):
     mlp.{m}.linear_fc1.weight                 [2 f / tp, h]  gate rows then up rows (per TP shard)
     mlp.{m}.linear_fc2.weight                 [h, f / tp]
 
-Generation: with a megatron ``StaticInferenceContext`` the attention keeps its K/V (before RoPE) in
+Generation: with a megatron ``StaticInferenceContext`` the attention keeps its K/V (keys after RoPE) in
 the context's ``key_value_memory_dict`` as megatron's own attention does (``MoTAttention._cached``):
 the prefill writes the prompt's positions, each decoding step one position.
 
@@ -185,7 +185,7 @@ class MoTAttention(MegatronModule):
 
     def _cached(self, inference_context, key: torch.Tensor, value: torch.Tensor):
         """Static KV cache in megatron's layout (``inference_context.key_value_memory_dict[layer]`` =
-        (K, V) ``[max_seq, max_batch, groups/tp, d]``, keys before RoPE): this step's K/V go to
+        (K, V) ``[max_seq, max_batch, groups/tp, d]``, keys after RoPE): this step's K/V go to
         positions ``[offset, offset + s)``; returns K/V of positions ``[0, offset + s)``."""
         memory = inference_context.key_value_memory_dict
         if self.layer_number not in memory:
@@ -211,14 +211,15 @@ class MoTAttention(MegatronModule):
             if q_start > 0 and query.shape[0] != 1:
                 raise ValueError(f"MoT KV cache: {query.shape[0]} positions in one step after the prefill "
                                  "(decode one position per step)")
-            key, value = self._cached(inference_context, key, value)
             mask_type = AttnMaskType.causal if q_start == 0 else AttnMaskType.no_mask
         if rotary_pos_emb is not None:
             q_emb, k_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
             if inference_context is not None:  # the embedding covers the context's whole length
-                q_emb, k_emb = q_emb[q_start:q_start + query.shape[0]], k_emb[:key.shape[0]]
+                q_emb, k_emb = (e[q_start:q_start + query.shape[0]] for e in (q_emb, k_emb))
             query = apply_rotary_pos_emb(query, q_emb, config=self.config)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config)
+        if inference_context is not None:  # keys enter the cache rotated (once, not at every step)
+            key, value = self._cached(inference_context, key, value)
 
         def attend(q, k, v):
             return self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type)
