@@ -45,14 +45,11 @@ def expert_params_apart(model: torch.nn.Module) -> None:
                 p.allreduce = False
 
 
-def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp: bool = True,
-                       init_weights: bool = True) -> list:
-    """The model chunks of this rank (one per virtual pipeline stage), DDP-wrapped if asked.
-    ``init_weights=False``: no random init (every weight is loaded from a checkpoint next)."""
+def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp: bool = True) -> list:
+    """The model chunks of this rank (one per virtual pipeline stage), DDP-wrapped if asked."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
-    chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id, init_weights=init_weights)
-              for s in stages]
+    chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
     for c in chunks:
         expert_params_apart(c)
     if torch.cuda.is_available():  # torch norms, the ViT conv and gates are created on the host

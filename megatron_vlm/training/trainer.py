@@ -178,9 +178,10 @@ def train(cfg: Config, data) -> TrainResult:
     t = cfg.training
     ctx = runtime.context()
     arch = get_arch(cfg.model.arch)
-    # --load (resume or --finetune) loads every weight, strictly (cli.py has already turned a --load
-    # folder without a checkpoint into a fresh start): no random init of weights overwritten next
-    model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id, init_weights=not t.load)
+    # weights are initialised even when --load overwrites them next: megatron-core 0.16.1 sets the
+    # tensor-parallel attributes of its linears' weights only in its init path, and without them the
+    # gradient norm (clipping) counts TP-split weights once per TP group (TP parity breaks)
+    model_chunks = build_model_chunks(cfg, image_token_id=data.image_token_id)
     optimizer, scheduler = build_optimizer(cfg, model_chunks)
     start_iter = 0
     if t.load:
