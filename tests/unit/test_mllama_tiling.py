@@ -31,6 +31,7 @@ from megatron_vlm.conversion import tiny
 from megatron_vlm.data import dali_loader, shards
 from megatron_vlm.data.tiling import aspect_ratio_ids, supported_grids, tile_mask
 from megatron_vlm.data.tokenizer import train_bpe
+from megatron_vlm.testing.images import gradient_image
 
 TILE, TILES = 28, 4
 # (height, width): upscaled 1 tile, exact 1x2 fit (no resize), 2x2 downscaled, 2x2 unresized
@@ -57,11 +58,7 @@ def _mllama_cfg(arch: str = "cross_attention", tiles: int = TILES) -> Config:
 
 
 def _image(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    smooth = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 40 * 6], -1)
-    noise = rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+    return gradient_image(h, w, seed)
 
 
 @pytest.fixture(scope="module")

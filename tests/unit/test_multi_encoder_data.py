@@ -26,6 +26,7 @@ from PIL import Image
 from megatron_vlm.config import Config, VisionConfig
 from megatron_vlm.data import dali_loader, encoder_weights, shards
 from megatron_vlm.data.dali_pipeline import ImageSpec, _encoded_graph, decode_images
+from megatron_vlm.testing.images import gradient_image
 from megatron_vlm.data.layout import TokenLayout
 from megatron_vlm.data.mock import random_batch
 from megatron_vlm.data.samples import SequenceBuilder
@@ -53,10 +54,7 @@ def _cfg(n: int, method: str = "weighted_average", router: str = "data") -> Conf
 
 
 def _image(h: int, w: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    smooth = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 16 * 12], -1)
-    return Image.fromarray(np.clip(smooth + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8))
+    return gradient_image(h, w, seed, period=16, step=12, noise=6)
 
 
 def _manifest(root, rows: list[dict]) -> str:
