@@ -3,7 +3,7 @@
 Writing (import): one process builds the arch's model at TP=1/PP=1, uninitialised, and saves it
 with ``training.checkpointing.save_checkpoint`` — megatron ``dist_checkpointing`` (torch_dist),
 which is layout-agnostic: ``pretrain_vlm.py --load`` at any TP/PP reshards on load — through
-:class:`StreamingSave`, which fills each parameter (:func:`fillers`) just before writing it and
+:func:`streaming_save`, which fills each parameter (:func:`fillers`) just before writing it and
 frees it after, so the model is never resident as a whole. The *target* layout
 (``--tensor-model-parallel-size`` etc.) is validated against the model (heads, groups, vocab,
 layers divisible) and recorded in the checkpoint's ``config.yaml``.
@@ -41,12 +41,9 @@ def ensure_runtime(tp: int = 1, pp: int = 1) -> None:
     from megatron.core import parallel_state
 
     from megatron_vlm import runtime
-    from megatron_vlm.runtime.launcher_env import detect, free_port
 
     if parallel_state.model_parallel_is_initialized() and torch.distributed.is_initialized():
         return
-    if detect().launcher == "none" and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())  # never collide with another local job
     runtime.initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
@@ -155,7 +152,7 @@ def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None,
                consume: bool = False, fill: dict[str, Callable[[torch.Tensor], None]] | None = None) -> Path:
     """Write ``save_dir/iter_0000000`` + ``latest`` with the training checkpoint contract.
 
-    ``consume``: the model is not used after the save: it is written by :class:`StreamingSave`
+    ``consume``: the model is not used after the save: it is written by :func:`streaming_save`
     (in this process, one parameter at a time, each parameter's memory freed once written).
     ``fill`` (with ``consume``): ``{state-dict key: fn(parameter)}`` called just before that
     parameter is written, so that the parameters never need to be resident all at once (an
@@ -164,7 +161,7 @@ def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None,
 
     if fill and not consume:
         raise ValueError("save_model: fill needs consume=True")
-    strategy = StreamingSave(model, fill, chunk_bytes=STREAM_BYTES) if consume else None
+    strategy = streaming_save(model, fill, chunk_bytes=STREAM_BYTES) if consume else None
     path = Path(save_checkpoint(str(save_dir), 0, [model], config=cfg, extra=extra or {},
                                 sharded_strategy=strategy))
     if strategy is not None and fill:
@@ -174,7 +171,7 @@ def save_model(save_dir: Path, model, cfg: Config, extra: dict | None = None,
     return path
 
 
-class StreamingSave:
+def streaming_save(model: torch.nn.Module, fill: dict | None = None, chunk_bytes: int | None = None):
     """A megatron ``torch_dist`` save strategy (megatron's own planner, metadata and file format:
     loads like any other checkpoint, at any TP/PP) that writes in this process, one model
     parameter at a time: ``fill[key](param)`` first (when given), then the parameter's pieces
@@ -186,33 +183,31 @@ class StreamingSave:
     here). Records carry no CRC32 (``torch.load`` does not check it; same format otherwise).
 
     The model is unusable after the save."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict, save_state_dict_async_plan)
 
-    def __new__(cls, model: torch.nn.Module, fill: dict | None = None, chunk_bytes: int | None = None):
-        from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
-        from megatron.core.dist_checkpointing.strategies.torch import (
-            MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-            mcore_to_pyt_state_dict, save_state_dict_async_plan)
+    class _Strategy(TorchDistSaveShardedStrategy):
+        def async_save(self, sharded_state_dict, checkpoint_dir):
+            if chunk_bytes:
+                dict_list_map_inplace(lambda sh: split_rows(sh, chunk_bytes), sharded_state_dict)
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
+                                                                   self.keep_only_main_replica)
+            writer = _streaming_writer(checkpoint_dir, strategy)
+            planned = save_state_dict_async_plan(
+                mcore_to_pyt_state_dict(sd, False), writer, None, 0,
+                planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                         flatten_state_dict=False))
+            return self._get_save_and_finalize_callbacks(writer, planned[0])
 
-        class _Strategy(TorchDistSaveShardedStrategy):
-            def async_save(self, sharded_state_dict, checkpoint_dir):
-                if chunk_bytes:
-                    dict_list_map_inplace(lambda sh: split_rows(sh, chunk_bytes), sharded_state_dict)
-                sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict,
-                                                                       self.keep_only_main_replica)
-                writer = _streaming_writer(checkpoint_dir, strategy)
-                planned = save_state_dict_async_plan(
-                    mcore_to_pyt_state_dict(sd, False), writer, None, 0,
-                    planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
-                                             flatten_state_dict=False))
-                return self._get_save_and_finalize_callbacks(writer, planned[0])
-
-        strategy = _Strategy("torch_dist", 1)
-        tensors = model_tensors(model)
-        strategy.params = {t.untyped_storage().data_ptr(): (k, t) for k, t in tensors.items() if t.numel()}
-        strategy.order = {k: i for i, k in enumerate(fill or tensors)}
-        strategy.fill = fill or {}
-        strategy.filled = set()
-        return strategy
+    strategy = _Strategy("torch_dist", 1)
+    tensors = model_tensors(model)
+    strategy.params = {t.untyped_storage().data_ptr(): (k, t) for k, t in tensors.items() if t.numel()}
+    strategy.order = {k: i for i, k in enumerate(fill or tensors)}
+    strategy.fill = fill or {}
+    strategy.filled = set()
+    return strategy
 
 
 STREAM_BYTES = 16 * 1024 ** 2  # import stores larger tensors in row chunks of at most this; export reads by chunk
@@ -291,7 +286,7 @@ def _sources(fill, param: torch.Tensor, pieces: list[torch.Tensor]) -> list[torc
 
 
 def _streaming_writer(checkpoint_dir, strategy):
-    """megatron's FileSystemWriterAsync with the write step replaced (see :class:`StreamingSave`)."""
+    """megatron's FileSystemWriterAsync with the write step replaced (see :func:`streaming_save`)."""
     import inspect
 
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync

@@ -36,6 +36,10 @@ class RuntimeContext:
 
 
 _context: RuntimeContext | None = None
+# the launcher variables initialize() exported itself (absent before); shutdown() removes them, so
+# that a later initialize in this process or a child process it starts picks its own again
+_exported_env: list[str] = []
+TORCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def has_cuda() -> bool:
@@ -57,7 +61,9 @@ def initialize(
     from megatron.core import parallel_state, tensor_parallel
 
     launch = detect()
+    absent = [key for key in TORCH_ENV if key not in os.environ]
     export_torch_env(launch)
+    _exported_env.extend(key for key in absent if key in os.environ)
     cuda = has_cuda()
     if cuda:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
@@ -128,6 +134,9 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _context = None
+    for key in _exported_env:
+        os.environ.pop(key, None)
+    _exported_env.clear()
     stop_helper_processes()
 
 
