@@ -209,6 +209,10 @@ class ModelConfig:
     def generalist_index(self) -> int:
         return self.vision.index(self.generalist) if self.multi_encoder else 0
 
+    def encoder_frozen(self, v: VisionConfig) -> bool:
+        """Whether encoder ``v`` is frozen: its own ``freeze``, else ``freeze_vision``."""
+        return v.freeze if v.freeze is not None else self.freeze_vision
+
     def encoder_image_tokens(self, v: VisionConfig) -> int:
         """Tokens encoder ``v`` gives per image (its patch grid, + class token if kept)."""
         return v.num_patches + (0 if self.drop_vision_class_token or not v.add_class_token else 1)
@@ -702,6 +706,14 @@ def _check_tensor_parallel_sizes(cfg: Config, encoders: list[tuple[str, VisionCo
                  f"allowed: a multiple of {tp * cp}")
 
 
+def usable_encoder_name(name) -> bool:
+    """A name that can key the model's ``nn.ModuleDict`` of encoders (several encoders): an
+    identifier that is no ModuleDict attribute (``keys``, ``training``, ...)."""
+    import torch
+
+    return isinstance(name, str) and name.isidentifier() and name not in set(dir(torch.nn.ModuleDict()))
+
+
 def _check_encoder_list(m: ModelConfig, encoders: list[tuple[str, VisionConfig]]) -> None:
     """Several encoders (``model.vision`` a list; fused by ``model.fusion``): names usable as
     module keys, exactly one generalist, no tiled / Mllama towers; the fusion settings' choices."""
@@ -715,11 +727,8 @@ def _check_encoder_list(m: ModelConfig, encoders: list[tuple[str, VisionConfig]]
                  f"{section}.freeze={v.freeze!r}: must be true, false or null (= model.freeze_vision)")
     if len(encoders) == 1:
         return
-    import torch
-
-    reserved = set(dir(torch.nn.ModuleDict()))
     for section, v in encoders:
-        _require(isinstance(v.name, str) and v.name.isidentifier() and v.name not in reserved,
+        _require(usable_encoder_name(v.name),
                  f"{section}.name={v.name!r}: with several encoders each name must be a Python identifier "
                  f"(letters, digits, _, no digit first) and no torch ModuleDict attribute (e.g. 'keys', 'training')")
         _require(v.max_tiles == 1 and (v.hf_config or {}).get("model_type") != "mllama_vision_model",
@@ -771,10 +780,6 @@ def _check_fusion(cfg: Config, encoders: list[tuple[str, VisionConfig]]) -> None
         _require(len(set(kept.values())) == 1,
                  f"model.vision add_class_token {kept}: weighted_average with drop_vision_class_token=false "
                  f"needs every encoder to keep a class token or none; set drop_vision_class_token: true")
-    frozen = [v.freeze if v.freeze is not None else m.freeze_vision for _, v in encoders]
-    _require(not (all(frozen) and m.freeze_projector and m.freeze_language),
-             "model.vision (every encoder frozen), freeze_projector and freeze_language: nothing would train; "
-             "unfreeze at least one part")
 
 
 def _check_recompute(t: TrainingConfig, layers_per_stage: int) -> None:
@@ -838,9 +843,10 @@ def _check_training_ranges(cfg: Config) -> None:
         _require(value is None or (isinstance(value, str) and value.strip() != ""),
                  f"training.{name}={value!r}: must be a folder path")
     _require(not (t.finetune and not t.load), "training.finetune=True (--finetune): needs --load (the checkpoint to start from)")
-    _require(not (m.freeze_vision and m.freeze_projector and m.freeze_language),
-             "model.freeze_vision, freeze_projector and freeze_language are all true: nothing would train; "
-             "unfreeze at least one part")
+    every_encoder_frozen = all(m.encoder_frozen(v) for v in m.vision)
+    _require(not (every_encoder_frozen and m.freeze_projector and m.freeze_language),
+             "model.freeze_vision (or every encoder's freeze), freeze_projector and freeze_language are all true: "
+             "nothing would train; unfreeze at least one part")
 
 
 def validate(cfg: Config, world_size: int | None = None, machine: bool = False) -> Config:

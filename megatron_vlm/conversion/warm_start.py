@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_vlm.config import Config, ConfigError, ModelConfig, VisionConfig, set_key
+from megatron_vlm.config import Config, ConfigError, ModelConfig, VisionConfig, set_key, usable_encoder_name
 from megatron_vlm.conversion import clip, hf_io, llama, megatron_io
 from megatron_vlm.conversion.mapping import (ConversionError, Pair, check_pairs, hf_to_mcore,
                                              key_report)
@@ -67,13 +67,9 @@ def apply_model_overrides(mc: ModelConfig, overrides: dict | None) -> None:
 # --vision-path [NAME=]DIR (repeatable): names
 # ------------------------------------------------------------------------------------------------
 
-def _reserved_names() -> set[str]:
-    """Names an encoder cannot take: attributes of the ``nn.ModuleDict`` holding the encoders."""
-    return set(dir(torch.nn.ModuleDict())) | set(keyword.kwlist)
-
-
 def _usable_name(name: str) -> bool:
-    return name.isidentifier() and name not in _reserved_names()
+    """An encoder name the model can key its encoders by (config's rule), and no Python keyword."""
+    return usable_encoder_name(name) and not keyword.iskeyword(name)
 
 
 def name_from_folder(path: str) -> str:

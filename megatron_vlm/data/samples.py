@@ -131,9 +131,10 @@ class SequenceBuilder:
         [b, 1, T, C, H, W] with ``aspect_ratio_ids`` [b, 1] and ``aspect_ratio_mask`` [b, 1, T]."""
         b, s = len(records), self.seq_length
         several = isinstance(images, tuple)
-        first = images[0] if several else images
-        if any(t.shape[0] != b for t in (images if several else (images,))):
-            raise ValueError(f"{[t.shape[0] for t in (images if several else (images,))]} images for {b} records")
+        parts = images if several else (images,)
+        first = parts[0]
+        if any(t.shape[0] != b for t in parts):
+            raise ValueError(f"{[t.shape[0] for t in parts]} images for {b} records")
         tokens = np.full((b, s), self.tok.pad_id, dtype=np.int64)
         trained = np.zeros((b, s), dtype=bool)
         padding = np.ones((b, s), dtype=bool)

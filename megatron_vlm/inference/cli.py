@@ -109,8 +109,9 @@ def _requests(args) -> list:
             raise CliError(f"--input {args.input} line {n}: \"images\" must be a list of paths")
         images = [i if Path(i).is_absolute() or Path(i).exists() else str(path.parent / i) for i in images]
         weights = row.get("encoder_weights")
-        if weights is not None and value_problem(weights) is not None:
-            raise CliError(f"--input {args.input} line {n}: {value_problem(weights)}")
+        problem = None if weights is None else value_problem(weights)
+        if problem is not None:
+            raise CliError(f"--input {args.input} line {n}: {problem}")
         out.append(Request(row["prompt"], images, weights))
     if not out:
         raise CliError(f"--input {args.input}: no rows")

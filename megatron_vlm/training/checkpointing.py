@@ -93,7 +93,7 @@ def save_checkpoint(save_dir: str, iteration: int, model_chunks: list, optimizer
     """Write ``iter_{iteration}`` atomically and point ``latest`` at it. Collective over all ranks.
     (The arch's layer metadata, e.g. ``non_homogeneous_layers``, comes from the model itself.)
     ``sharded_strategy``: a megatron save strategy other than its default torch_dist one (e.g. the
-    conversion's in-process ``megatron_io.StreamingSave``)."""
+    conversion's in-process ``megatron_io.streaming_save``)."""
     save_dir = Path(save_dir)
     final, tmp = iteration_dir(save_dir, iteration), save_dir / f".tmp_iter_{iteration:07d}"
     if sharded_strategy is None:  # megatron's default writer; a custom one brings its own

@@ -87,16 +87,17 @@ def iteration_flops(cfg: Config, global_batch_size: int, cross_attention_layers:
     # forward 1x, weight and input gradients 1x each; a frozen projector (and fusion) still passes
     # input gradients to a trainable encoder
     h, images = lang.hidden_size, b * n_img
-    frozen = [v.freeze if v.freeze is not None else m.freeze_vision for v in m.vision]
+    frozen = [m.encoder_frozen(v) for v in m.vision]
     vision = sum((1 if fz else 3) * _encoder(v, images) for v, fz in zip(m.vision, frozen))
+
+    def projector_factor(inputs_frozen: bool) -> int:
+        return 3 if not m.freeze_projector else (1 if inputs_frozen else 2)
+
     if not m.multi_encoder:
-        v = m.vision[0]
-        projector_factor = 3 if not m.freeze_projector else (1 if frozen[0] else 2)
-        return 3 * lm + projector_factor * _projector(images * k, v.hidden_size, h) + vision
-    after_all = 3 if not m.freeze_projector else (1 if all(frozen) else 2)
+        return 3 * lm + projector_factor(frozen[0]) * _projector(images * k, m.vision[0].hidden_size, h) + vision
+    after_all = projector_factor(all(frozen))
     if m.fusion.space == "projected":
-        projector = sum((3 if not m.freeze_projector else (1 if fz else 2))
-                        * _projector(images * m.encoder_image_tokens(v), v.hidden_size, h)
+        projector = sum(projector_factor(fz) * _projector(images * m.encoder_image_tokens(v), v.hidden_size, h)
                         for v, fz in zip(m.vision, frozen))
     else:
         projector = after_all * _projector(images * k, m.generalist.hidden_size, h)
