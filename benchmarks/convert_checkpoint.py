@@ -6,9 +6,11 @@
 Per size (random LLaVA: CLIP ViT-B/16-224 + a Llama-style decoder; 0.3b / 0.6b / 1b parameters):
 
 1. writes the HF folder tensor by tensor (the model is never materialised here);
-2. runs, each in its own process and ``--repeats`` times (medians; interleaved): transformers'
+2. runs, each in its own process and ``--repeats`` times (medians; interleaved), after ``sync`` (so
+   that no run waits on the disk writing back the previous run's output): transformers'
    ``from_pretrained`` + ``save_pretrained`` of that folder (the reference), our
-   ``tools/convert_checkpoint.py import-hf`` and ``export-hf``;
+   ``tools/convert_checkpoint.py import-hf`` and ``export-hf``, and ``export-hf`` of the same model
+   stored in whole tensors (as training at TP=1 saves it; ``export_whole``);
 3. samples every 50 ms the process tree's memory (``/proc/PID/smaps_rollup``, proportional: pages
    that forked checkpoint writers share with their parent count once): anonymous (``Pss_Anon`` +
    ``Pss_Shmem``: what the processes really hold) apart from file-backed pages (``Pss_File``:
@@ -17,7 +19,8 @@ Per size (random LLaVA: CLIP ViT-B/16-224 + a Llama-style decoder; 0.3b / 0.6b /
 4. checks the round trip (every tensor equal) and that no process of the conversion's session is
    left when it exits, and prints the ratios the targets name:
    import time / reference time (target <= 1.5), import peak anonymous memory / checkpoint bytes
-   (target <= 1.2), export peak anonymous memory at both sizes (target: independent of the size).
+   (target <= 1.2), export peak anonymous memory at both sizes, of both stored forms (target:
+   independent of the size).
 """
 
 from __future__ import annotations
@@ -87,9 +90,15 @@ def write_random_llava(folder: Path, dtype_name: str, size: str = "1b", seed: in
     return params, sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def _child(argv: list[str]) -> int:
-    """Run the conversion CLI in this process and report its own peak RSS on the last line."""
+def _child(argv: list[str], store_whole: bool = False) -> int:
+    """Run the conversion CLI in this process and report its own peak RSS on the last line;
+    ``store_whole``: import-hf stores every tensor as one piece."""
     from tools.convert_checkpoint import main
+
+    if store_whole:
+        from megatron_vlm.conversion import megatron_io
+
+        megatron_io.STREAM_BYTES = 1 << 62
 
     rc = main(argv)
     print(f"MAXRSS_KB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", flush=True)
@@ -166,6 +175,7 @@ def measure(args: list[str]) -> dict:
     process tree's peak anonymous / file-backed resident memory, its own peak RSS, and the
     processes of its session still alive right after it exited."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    os.sync()
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -222,26 +232,31 @@ def _median(runs: list[dict]) -> dict:
 def bench_size(size: str, work: Path, dtype: str, repeats: int) -> dict:
     gib = 1024 ** 3
     hf, mcore, back, ref = work / "hf", work / "mcore", work / "back", work / "ref"
-    for p in (hf, mcore, back, ref):
+    whole, back_whole = work / "whole", work / "back_whole"
+    for p in (hf, mcore, back, ref, whole):
         if p.exists():
             shutil.rmtree(p)
     t0 = time.perf_counter()
     params, nbytes = write_random_llava(hf, dtype, size)
     print(f"[{size}] random LLaVA: {params / 1e9:.3f} B parameters, {nbytes / gib:.2f} GiB {dtype} safetensors "
           f"(written in {time.perf_counter() - t0:.1f} s)", flush=True)
-    runs = {"reference": [], "import": [], "export": []}
-    for i in range(repeats):  # interleaved, so that a busy spell hits all three alike
-        for p in (mcore, back, ref):
+    measure(["--child-whole", "import-hf", "--hf-path", str(hf), "--save", str(whole), "--dtype", dtype])
+    runs = {"reference": [], "import": [], "export": [], "export_whole": []}
+    for i in range(repeats):  # interleaved, so that a busy spell hits all alike
+        for p in (mcore, back, ref, back_whole):
             if p.exists():
                 shutil.rmtree(p)
         runs["reference"].append(measure(["--hf-child", str(hf), str(ref), dtype]))
         runs["import"].append(measure(["--child", "import-hf", "--hf-path", str(hf), "--save", str(mcore),
                                        "--dtype", dtype]))
         runs["export"].append(measure(["--child", "export-hf", "--load", str(mcore), "--hf-path", str(back)]))
+        runs["export_whole"].append(measure(["--child", "export-hf", "--load", str(whole), "--hf-path",
+                                             str(back_whole)]))
         print(f"[{size}] run {i + 1}/{repeats}: " + ", ".join(
             f"{k} {v[-1]['wall_s']:.1f} s / {v[-1]['anon_peak_bytes'] / gib:.2f} GiB anon" for k, v in runs.items()),
             flush=True)
     n = compare(hf, back)
+    compare(hf, back_whole)
     med = {k: _median(v) for k, v in runs.items()}
     result = {"size": size, "parameters": params, "dtype": dtype, "hf_checkpoint_bytes": nbytes,
               "repeats": repeats, "tensors_round_trip_equal": n, **med,
@@ -249,16 +264,17 @@ def bench_size(size: str, work: Path, dtype: str, repeats: int) -> dict:
               "import_time_ratio": med["import"]["wall_s"] / med["reference"]["wall_s"],
               "import_anon_ratio": med["import"]["anon_peak_bytes"] / nbytes,
               "reference_anon_ratio": med["reference"]["anon_peak_bytes"] / nbytes,
-              "export_anon_ratio": med["export"]["anon_peak_bytes"] / nbytes}
-    for name in ("reference", "import", "export"):
+              "export_anon_ratio": med["export"]["anon_peak_bytes"] / nbytes,
+              "export_whole_anon_ratio": med["export_whole"]["anon_peak_bytes"] / nbytes}
+    for name in runs:
         r = med[name]
-        print(f"[{size}] {name:9s}: {r['wall_s']:6.1f} s   peak anonymous {r['anon_peak_bytes'] / gib:5.2f} GiB "
+        print(f"[{size}] {name:12s}: {r['wall_s']:6.1f} s   peak anonymous {r['anon_peak_bytes'] / gib:5.2f} GiB "
               f"({r['anon_peak_bytes'] / nbytes:.2f} x checkpoint), file-backed {r['file_peak_bytes'] / gib:5.2f} GiB, "
               f"own peak RSS {r['own_peak_rss_bytes'] / gib:5.2f} GiB")
     print(f"[{size}] import / reference time: {result['import_time_ratio']:.2f} (target <= 1.5); import peak "
           f"anonymous / checkpoint: {result['import_anon_ratio']:.2f} (target <= 1.2; reference "
           f"{result['reference_anon_ratio']:.2f}); processes left after exit: {result['left_processes_max']}; "
-          f"round trip: {n} tensors bit-identical", flush=True)
+          f"round trip: {n} tensors bit-identical (both stored forms)", flush=True)
     return result
 
 
@@ -283,9 +299,10 @@ def main() -> int:
         results = [bench_size(s, work / s, args.dtype, args.repeats) for s in sizes]
         if len(results) > 1:
             a, b = results[0], results[-1]
-            print(f"export peak anonymous memory: {a['export']['anon_peak_bytes'] / gib:.2f} GiB at {a['size']} vs "
-                  f"{b['export']['anon_peak_bytes'] / gib:.2f} GiB at {b['size']} "
-                  f"({b['hf_checkpoint_bytes'] / a['hf_checkpoint_bytes']:.1f}x the checkpoint)")
+            for name in ("export", "export_whole"):
+                print(f"{name} peak anonymous memory: {a[name]['anon_peak_bytes'] / gib:.2f} GiB at {a['size']} vs "
+                      f"{b[name]['anon_peak_bytes'] / gib:.2f} GiB at {b['size']} "
+                      f"({b['hf_checkpoint_bytes'] / a['hf_checkpoint_bytes']:.1f}x the checkpoint)")
         print("RESULT " + json.dumps({"baseline_anon_bytes": base["anon_peak_bytes"], "sizes": results}))
     finally:
         if not args.keep and not args.work:
@@ -294,8 +311,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # required: dist_checkpointing's spawn workers re-import __main__
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.exit(_child(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("--child", "--child-whole"):
+        sys.exit(_child(sys.argv[2:], store_whole=sys.argv[1] == "--child-whole"))
     if len(sys.argv) > 1 and sys.argv[1] == "--hf-child":
         sys.exit(_hf_child(*sys.argv[2:5]))
     if len(sys.argv) > 1 and sys.argv[1] == "--baseline":

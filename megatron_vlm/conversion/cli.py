@@ -236,6 +236,10 @@ def quiet_warnings() -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_warnings()
+    if args.command != "verify":  # no model runs: megatron-core's fused kernels are never called
+        from megatron_vlm.runtime.megatron_fixes import import_megatron_without_jit_fusion
+
+        import_megatron_without_jit_fusion()
     from megatron_vlm.config import ConfigError
 
     try:

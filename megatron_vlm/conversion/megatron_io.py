@@ -8,19 +8,22 @@ frees it after, so the model is never resident as a whole. The *target* layout
 (``--tensor-model-parallel-size`` etc.) is validated against the model (heads, groups, vocab,
 layers divisible) and recorded in the checkpoint's ``config.yaml``.
 
-Reading (export): no model is built. :class:`MegatronReader` asks megatron's loader for one global
-tensor (or one layer of a stacked tensor, or a block of rows within one stored piece) at a time,
-whatever TP/PP the checkpoint was written at.
+Reading (export): no model is built. :class:`MegatronReader` reads one global tensor (or one layer
+of a stacked tensor, or a block of at most ``STREAM_BYTES`` of rows) at a time, whatever TP/PP the
+checkpoint was written at, straight from the stored pieces' bytes where the block is contiguous in
+them (torch.distributed.checkpoint's loader otherwise).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -430,7 +433,16 @@ class MegatronReader:
         meta = dist_checkpointing.load_tensors_metadata(str(self.dir))
         self.meta = {k: v for k, v in meta.items() if hasattr(v, "global_shape")}
         self.hf_source = self.dir / HF_SOURCE_DIR
-        self._chunks = None
+        self._dcp_metadata = None
+
+    @property
+    def dcp_metadata(self):
+        """torch.distributed.checkpoint's metadata of the iteration (where each stored piece lies)."""
+        if self._dcp_metadata is None:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            self._dcp_metadata = FileSystemReader(str(self.dir)).read_metadata()
+        return self._dcp_metadata
 
     # -- key resolution -------------------------------------------------------------------------
     def _candidates(self, key: str) -> list[str]:
@@ -490,29 +502,27 @@ class MegatronReader:
     def row_bounds(self, key: str) -> list[int]:
         """Row indices where the checkpoint's stored pieces of ``key`` begin (reading across one
         costs a load of each piece touched)."""
-        from torch.distributed.checkpoint import FileSystemReader
-
-        if self._chunks is None:
-            self._chunks = FileSystemReader(str(self.dir)).read_metadata().state_dict_metadata
         stored, idx, _ = self.locate(key)
         ax = 0 if idx is None else 1
-        return sorted({c.offsets[ax] for c in self._chunks[stored].chunks
+        return sorted({c.offsets[ax] for c in self.dcp_metadata.state_dict_metadata[stored].chunks
                        if idx is None or c.offsets[0] <= idx < c.offsets[0] + c.sizes[0]})
 
     def iter_rows(self, key: str, runs: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
-        """Rows ``start:stop`` of ``key`` for each run, in row blocks that never cross a stored
-        piece: memory is bounded by the checkpoint's piece size, not the tensor's."""
+        """Rows ``start:stop`` of ``key`` for each run, in row blocks of at most ``STREAM_BYTES``
+        (or one row) that never cross a stored piece, each read straight from the piece's bytes:
+        memory is bounded whatever the size of the tensor or of the pieces it was saved in."""
         bounds = self.row_bounds(key)
         stored, idx, _ = self.locate(key)
         sh = self.meta[stored]
         rest = tuple(sh.global_shape[1:] if idx is None else sh.global_shape[2:])
+        block = max(1, STREAM_BYTES // max(1, math.prod(rest) * sh.dtype.itemsize))
         for start, stop in runs:
             a = start
             while a < stop:
-                b = min([stop] + [x for x in bounds if x > a])
+                b = min([stop, a + block] + [x for x in bounds if x > a])
                 buf = torch.empty((b - a, *rest) if idx is None else (1, b - a, *rest), dtype=sh.dtype)
                 offsets = (a,) + (0,) * len(rest) if idx is None else (idx, a) + (0,) * len(rest)
-                _read_regions(self.dir, [(stored, buf, offsets)])
+                _read_regions(self.dir, [(stored, buf, offsets)], self.dcp_metadata)
                 yield buf if idx is None else buf[0]
                 a = b
 
@@ -532,7 +542,7 @@ class MegatronReader:
                 buf = torch.empty((1,) + tuple(sh.global_shape[1:]), dtype=sh.dtype)
                 offsets = (idx,) + (0,) * (buf.dim() - 1)
             requests[key] = (stored, buf, offsets)
-        _read_regions(self.dir, list(requests.values()))
+        _read_regions(self.dir, list(requests.values()), self.dcp_metadata)
         return {k: (buf[0] if self.locate(k)[1] is not None else buf) for k, (_, buf, _) in requests.items()}
 
     # -- what an import carried --------------------------------------------------------------------
@@ -556,11 +566,15 @@ class MegatronReader:
         return safe_open(str(path), "pt") if path.is_file() else None
 
 
-def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]]) -> None:
+def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]], metadata=None) -> None:
     """Fill each ``buf`` with the region at ``offsets`` of the stored global tensor ``key``.
 
-    Uses torch.distributed.checkpoint directly with a planner that asks for exactly these regions
-    (megatron's own loader cannot request a sub-region in a world of one). Needs no process group.
+    A region that is one contiguous byte range of each stored piece it touches (rows of a
+    row-major piece, a layer of a stacked one) is read from the file with one ``readinto`` per
+    piece (:func:`_read_direct`): only the bytes asked for, however large the piece. Anything else
+    goes through torch.distributed.checkpoint with a planner that asks for exactly these regions
+    (megatron's own loader cannot request a sub-region in a world of one); it loads every stored
+    piece it touches whole. Needs no process group.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -568,12 +582,19 @@ def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+    if metadata is None:
+        metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
     by_fqn = {}
     for key, buf, offsets in requests:
-        fqn = key if key not in by_fqn else None
-        if fqn is None:
+        if key in by_fqn:
             raise ConversionError(f"internal: {key} requested twice in one read")
-        by_fqn[key] = (buf, offsets)
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+        items = create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
+        if not all(_read_direct(Path(ckpt_dir), metadata.storage_data[item.storage_index], item, buf)
+                   for item in items):
+            by_fqn[key] = (buf, offsets)
+    if not by_fqn:
+        return
 
     class RegionPlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
@@ -592,3 +613,64 @@ def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]
                  no_dist=True)
     finally:  # the planner class is cyclic garbage (freed late): it must not keep the buffers alive
         by_fqn.clear()
+
+
+class _FileView(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of an open file as a seekable file of their own."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, pos + (0, self.pos, self.length)[whence])
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.offset + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+def _read_direct(ckpt_dir: Path, info, item, buf: torch.Tensor) -> bool:
+    """Copy one read item (a box of one stored piece) into ``buf`` straight from the file, when the
+    box is a contiguous byte range of the piece; False (nothing read) otherwise.
+
+    A stored piece is a ``torch.save`` archive at ``info.offset`` of ``info.relative_path``: loading
+    it with ``map_location="meta"`` reads only its header and gives a tensor of the right shape and
+    strides whose storage knows where its bytes start in the archive (``_checkpoint_offset``).
+    Pieces with storage transforms (compression), another dtype or byte order take the general path.
+    """
+    if getattr(info, "transform_descriptors", None) or sys.byteorder != "little":
+        return False
+    with open(ckpt_dir / info.relative_path, "rb") as f:
+        stored = torch.load(_FileView(f, info.offset, info.length), map_location="meta", weights_only=True)
+        start = getattr(stored.untyped_storage(), "_checkpoint_offset", None)
+        if not isinstance(stored, torch.Tensor) or start is None or stored.dtype != buf.dtype:
+            return False
+        src, dst = stored, buf
+        for ax, (so, do, n) in enumerate(zip(item.storage_offsets, item.dest_offsets, item.lengths)):
+            src, dst = src.narrow(ax, so, n), dst.narrow(ax, do, n)
+        if not src.is_contiguous():
+            return False
+        target = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype)
+        nbytes = target.numel() * target.element_size()
+        if nbytes:
+            f.seek(info.offset + start + src.storage_offset() * src.element_size())
+            if f.readinto(memoryview(target.reshape(-1).view(torch.uint8).numpy())) != nbytes:
+                raise ConversionError(f"{ckpt_dir / info.relative_path}: truncated (a stored piece of "
+                                      f"{item.dest_index.fqn} ends early)")
+        if target is not dst:
+            dst.copy_(target)
+    return True

@@ -145,3 +145,29 @@ def apply() -> list[str]:
             _applied.add(name)
             done.append(name)
     return done
+
+
+def import_megatron_without_jit_fusion() -> bool:
+    """Import megatron-core with its ``jit_fuser`` decorator a no-op (the choice
+    ``megatron.core.jit.disable_jit_fuser`` makes), for processes that run no model (conversion).
+
+    By default ``megatron.core.jit`` picks ``torch.compile`` when it is imported and ~40 functions
+    are wrapped at import time, which imports dynamo and inductor (~1.3 s of a conversion's time);
+    the functions themselves are never called there. ``torch.compile`` is a plain decorator only
+    while megatron-core is imported, so the choice binds to that import and nothing else. Returns
+    False (and changes nothing) when megatron-core is already imported."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return False
+
+    def no_compile(model=None, **_):
+        return model if model is not None else (lambda fn: fn)
+
+    compile_ = torch.compile
+    torch.compile = no_compile
+    try:
+        import megatron.core.jit
+    finally:
+        torch.compile = compile_
+    return megatron.core.jit.jit_fuser is no_compile

@@ -105,7 +105,8 @@ def test_import_builds_uninitialised_and_leaves_no_process(tmp_path):
 
 def _streamed(hf: str, work: str) -> dict:
     """import + export of a tiny LLaVA with STREAM_BYTES = 16 KiB (its embedding: 384 x 64 fp32 =
-    96 KiB), spying on the fills (parameters still holding memory) and on export's reads."""
+    96 KiB), spying on the fills (parameters still holding memory) and on export's reads; then the
+    export of the same model stored in whole tensors."""
     import pickle
 
     import torch
@@ -139,24 +140,48 @@ def _streamed(hf: str, work: str) -> dict:
     megatron_io.fillers = spy_fillers
     read_regions = megatron_io._read_regions
 
-    def spy_read(ckpt, requests):
+    def spy_read(ckpt, requests, metadata=None):
         for key, buf, _ in requests:
             reads[key] = max(reads.get(key, 0), buf.numel() * buf.element_size())
-        return read_regions(ckpt, requests)
+        return read_regions(ckpt, requests, metadata)
 
     megatron_io._read_regions = spy_read
+    read_direct, whole_piece_loads = megatron_io._read_direct, []
+
+    def spy_direct(ckpt, info, item, buf):
+        done = read_direct(ckpt, info, item, buf)
+        if not done:
+            whole_piece_loads.append(item.dest_index.fqn)
+        return done
+
+    megatron_io._read_direct = spy_direct
     work = Path(work)
     convert.import_hf(hf, str(work / "mcore"))
     convert.export_hf(str(work / "mcore"), str(work / "back"))
-    with open(work / "mcore" / "iter_0000000" / ".metadata", "rb") as f:
-        md = pickle.load(f).state_dict_metadata
     emb = "language_model.embedding.word_embeddings.weight"
-    full = md[emb].size.numel() * 4
+
+    def stored(ckpt):  # how the checkpoint stores the embedding
+        with open(work / ckpt / "iter_0000000" / ".metadata", "rb") as f:
+            return pickle.load(f).state_dict_metadata[emb]
+
+    full = stored("mcore").size.numel() * 4
     report = verify(hf, str(work / "mcore"), seed=1)
     a, b = tiny.load_safetensors_dir(hf), tiny.load_safetensors_dir(work / "back")
-    return {"alive_at_fill": alive_at_fill, "direct": len(direct), "pieces": len(md[emb].chunks), "full": full,
-            "embedding_read_max": reads[emb], "verify": report.max_abs_diff,
-            "equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}
+    out = {"alive_at_fill": alive_at_fill, "direct": len(direct), "pieces": len(stored("mcore").chunks), "full": full,
+           "embedding_read_max": reads[emb], "verify": report.max_abs_diff,
+           "equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)}
+    # stored whole (as training at TP=1 saves it): export still reads blocks of STREAM_BYTES, each
+    # straight from the stored piece's bytes (no whole-piece load)
+    megatron_io.STREAM_BYTES = 1 << 40
+    convert.import_hf(hf, str(work / "whole"))
+    megatron_io.STREAM_BYTES = 16 * 1024
+    reads.clear()
+    whole_piece_loads.clear()
+    convert.export_hf(str(work / "whole"), str(work / "back_whole"))
+    c = tiny.load_safetensors_dir(work / "back_whole")
+    out.update(whole_pieces=len(stored("whole").chunks), whole_read_max=reads[emb], whole_piece_loads=whole_piece_loads,
+               whole_equal=a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a))
+    return out
 
 
 def test_import_streams_one_parameter_at_a_time_and_export_reads_pieces(tmp_path):
@@ -170,3 +195,20 @@ def test_import_streams_one_parameter_at_a_time_and_export_reads_pieces(tmp_path
     assert r["direct"] > 20, r
     assert r["pieces"] > 1 and 0 < r["embedding_read_max"] <= 16 * 1024 < r["full"], r
     assert r["verify"] <= 1e-4 and r["equal"], r
+    assert r["whole_pieces"] == 1 and 0 < r["whole_read_max"] <= 16 * 1024, r
+    assert r["whole_piece_loads"] == [] and r["whole_equal"], r
+
+
+def test_conversion_does_not_import_torch_compiler(tmp_path):
+    """import-hf runs no model: megatron-core is imported with its jit_fuser a plain decorator, so
+    dynamo and inductor (~1.3 s of every conversion) are never imported; torch.compile is restored."""
+    hf = tiny.save_llava(tmp_path / "llava")
+    script = ("import sys, torch; compile_ = torch.compile\n"
+              "from tools.convert_checkpoint import main\n"
+              "rc = main(sys.argv[1:])\n"
+              "print('RESULT', rc, 'torch._dynamo' in sys.modules, 'torch._inductor' in sys.modules,"
+              " torch.compile is compile_)")
+    out = subprocess.run([sys.executable, "-c", script, "import-hf", "--hf-path", str(hf), "--save",
+                          str(tmp_path / "mcore")], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=300).stdout
+    assert out.splitlines()[-1] == "RESULT 0 False False True", out[-3000:]
