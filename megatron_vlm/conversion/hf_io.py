@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import shutil
 import struct
@@ -176,12 +177,30 @@ def read_config_json(folder: str | Path) -> dict:
 
 
 def read_image_stats(folder) -> tuple:
-    """``image_mean`` / ``image_std`` from ``preprocessor_config.json`` when the folder has one."""
+    """``image_mean`` / ``image_std`` from ``preprocessor_config.json`` when the folder has one, each
+    three floats (a single number, which HF image processors accept, is used for every channel);
+    None where absent. Anything else, or a std that is not > 0: ConversionError naming the value."""
     path = Path(folder) / "preprocessor_config.json" if folder else None
     if path is None or not path.is_file():
         return None, None
-    data = json.loads(path.read_text())
-    return data.get("image_mean"), data.get("image_std")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    out = []
+    for name in ("image_mean", "image_std"):
+        v = data.get(name) if isinstance(data, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = [v] * 3
+        ok = v is None or (isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        if ok and v is not None and name == "image_std":
+            ok = all(x > 0 for x in v)
+        if not ok:
+            raise ConversionError(f"{path}: {name}={v!r}: expected 3 finite numbers (one per RGB channel)"
+                                  + (", each > 0" if name == "image_std" else ""))
+        out.append(None if v is None else tuple(float(x) for x in v))
+    return tuple(out)
 
 
 def load_hf_config(folder: str | Path):

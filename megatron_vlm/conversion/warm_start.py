@@ -181,10 +181,10 @@ def read_vision_source(path: str, name: str, feature_layer: int) -> VisionSource
         reader = hf_io.HFReader(path, _vision_rename)
     except ConversionError as e:
         raise _as_vision_flag(e) from None
+    mean, std = hf_io.read_image_stats(path)  # preprocessor_config.json, when the folder has one
     if vtype == "clip_vision_model":
         vc = CLIPVisionConfig(**{k: v for k, v in vcfg_json.items() if k != "model_type"})
         k = clip.used_layers(vc.num_hidden_layers, feature_layer, "--vision-feature-layer")
-        mean, std = hf_io.read_image_stats(path)
         vision = clip.vision_config_from_hf(vc, k, f"--vision-path {path} config", mean, std)
         ignored = set(clip.unused_keys(vc.num_hidden_layers, k, ""))
     else:
@@ -196,7 +196,8 @@ def read_vision_source(path: str, name: str, feature_layer: int) -> VisionSource
                               num_attention_heads=vc.num_attention_heads, ffn_hidden_size=vc.intermediate_size,
                               image_size=vc.image_size, patch_size=vc.patch_size, add_class_token=False,
                               layernorm_epsilon=vc.layer_norm_eps, hf_config=hf_dict,
-                              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+                              image_mean=tuple(float(x) for x in mean or (0.5, 0.5, 0.5)),
+                              image_std=tuple(float(x) for x in std or (0.5, 0.5, 0.5)))  # SigLIP's usual
         ignored = {k for k in reader.keys() if k.startswith(SIGLIP_UNUSED_PREFIX)}
     vision.name = name
     return VisionSource(name, path, vtype, vision, reader, ignored)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +31,8 @@ from megatron_vlm.conversion import tiny
 from megatron_vlm.testing.distributed import run_distributed
 
 TOL = 1e-5
+# a SigLIP folder's image statistics other than the usual 0.5 (read, not assumed)
+SIGLIP_STATS = {"image_mean": [0.25, 0.5, 0.75], "image_std": [0.125, 0.25, 0.5]}
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
@@ -96,6 +100,7 @@ def _worker(llama: str, clip: str, siglip: str, work: str) -> dict:
         out[name] = {
             "diffs": pretrained_diffs(reader, clip_prefix, sig_prefix),
             "encoders": [(v.name, v.generalist, v.hf_config is not None) for v in m.vision],
+            "stats": [(list(v.image_mean), list(v.image_std)) for v in m.vision],
             "method": m.fusion.method,
             "prefixes": sorted({_prefix(k) for k in keys}),
             "clip_num_layers": m.vision[0].num_layers,
@@ -115,7 +120,11 @@ def _worker(llama: str, clip: str, siglip: str, work: str) -> dict:
         out["sig_features"] = (jd.vision_models["sig"](images) - sig_ref).abs().max().item()
         out["jd_single_attrs"] = (jd.vision_model is None, jd.vision_projection is None)
 
+    bad_stats = work.parent / "siglip_bad_stats"  # a std of 0 would divide by zero in every batch
+    shutil.copytree(siglip, bad_stats)
+    (bad_stats / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.5, 0, 0.5]}))
     bad = {
+        "bad_stats": imp + ["--vision-path", str(bad_stats)],
         "not_vision": imp + ["--vision-path", clip, "--vision-path", llama],
         "same_name": imp + ["--vision-path", f"a={clip}", "--vision-path", f"a={siglip}"],
         "bad_name": imp + ["--vision-path", f"my-clip={clip}", "--vision-path", siglip],
@@ -140,6 +149,7 @@ def test_multi_vision_warm_start(tmp_path):
     tiny.randomize_(SiglipVisionModel(SiglipVisionConfig(
         hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
         patch_size=7)), seed=1).save_pretrained(str(tmp_path / "siglip"))
+    (tmp_path / "siglip" / "preprocessor_config.json").write_text(json.dumps(SIGLIP_STATS))
     work = tmp_path / "work"
     work.mkdir()
     (r,) = run_distributed(_worker, 1, str(llama), str(clip), str(tmp_path / "siglip"), str(work), timeout=300)
@@ -165,8 +175,12 @@ def test_multi_vision_warm_start(tmp_path):
     assert r["one"]["encoders"] == [("vision", False, True)] and r["one"]["method"] == "sequence_append"
     assert r["clip_features"] <= TOL and r["sig_features"] <= TOL, (r["clip_features"], r["sig_features"])
     assert r["jd_single_attrs"] == (True, True)
+    # image statistics from each folder's preprocessor_config.json (CLIP's tiny folder has none: CLIP's)
+    sig = (SIGLIP_STATS["image_mean"], SIGLIP_STATS["image_std"])
+    assert r["jd"]["stats"][1] == sig and r["one"]["stats"] == [sig], (r["jd"]["stats"], r["one"]["stats"])
 
     expect = {
+        "bad_stats": "image_std=[0.5, 0, 0.5]: expected 3 finite numbers (one per RGB channel), each > 0",
         "not_vision": "--vision-path " + str(llama) + ": model_type 'llama'; supported: clip_vision_model",
         "same_name": "two encoders named 'a'",
         "bad_name": "encoder name 'my-clip' must be a Python identifier",
