@@ -91,9 +91,9 @@ def import_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1, ep: int = 1,
     log(f"{archs[0]} -> {family.arch} ({len(pairs)} tensors, {len(carried)} carried), "
         f"dtype {hf_io.dtype_name(dtype)}, target TP={tp} PP={pp} EP={ep}")
     megatron_io.ensure_runtime()
-    from megatron_vlm.models import build_model
+    from megatron_vlm.models import build_model, built_on_host
 
-    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp:
+    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp, built_on_host():
         # every tensor is filled from the HF files: no random init (megatron's init was ~30% of the
         # import time); the parameters are filled one at a time as the checkpoint writer reaches
         # them and freed once written, so the model is never resident as a whole

@@ -59,7 +59,7 @@ def upcycle(load: str, save: str, arch: str, overrides: dict | None = None, tp: 
         f"target TP={tp} PP={pp} EP={ep}")
     megatron_io.ensure_runtime()
     from megatron_vlm import runtime
-    from megatron_vlm.models import build_model
+    from megatron_vlm.models import build_model, built_on_host
 
     runtime.set_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -78,7 +78,7 @@ def upcycle(load: str, save: str, arch: str, overrides: dict | None = None, tp: 
                 yield target, out
 
     dtype = torch.bfloat16 if cfg.training.bf16 else torch.float32
-    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp:
+    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp, built_on_host():
         model = build_model(megatron_io.single_process_config(cfg), pre_process=True, post_process=True,
                             dtype=dtype)
         kept = megatron_io.fill_model(model, stream(), allow_missing=True)

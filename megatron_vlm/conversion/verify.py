@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_vlm import runtime
 from megatron_vlm.config import Config, ConfigError, ParallelConfig, from_dict, validate
 from megatron_vlm.conversion import megatron_io
 from megatron_vlm.conversion.families import check_one_vision_encoder, family_for_arch
@@ -62,7 +63,7 @@ def load_megatron(load: str, tp: int = 1, pp: int = 1, dtype: torch.dtype = torc
     except ConfigError as e:
         raise ConversionError(f"--tensor-model-parallel-size {tp}: {e}") from None
     megatron_io.ensure_runtime(tp, pp)
-    model = build_model(cfg, pre_process=True, post_process=True, dtype=dtype, init_weights=False)
+    model = runtime.place(build_model(cfg, pre_process=True, post_process=True, dtype=dtype, init_weights=False))
     load_checkpoint(load, [model], strict=True, load_rng=False)
     model.eval()
     return cfg, model
@@ -126,15 +127,16 @@ def verify(hf_path: str, load: str, tp: int = 1, pp: int = 1, tolerance: float =
     cfg, model = load_megatron(load, tp, pp, dtype)
     family = family_for_arch(cfg.model.arch)
     v = hf_vocab_size(cfg.model.language)
-    inputs = family.sample_inputs(cfg.model, seed=seed, text_len=text_len)
-    ours = gather_logits(model(inputs)).float()
-    gen_inputs = family.sample_inputs(cfg.model, seed=seed + 1, text_len=max(2, text_len // 2))
+    device = next(model.parameters()).device  # both models run there (one after the other)
+    inputs = family.sample_inputs(cfg.model, seed=seed, text_len=text_len).to(device)
+    ours = gather_logits(model(inputs)).float().cpu()
+    gen_inputs = family.sample_inputs(cfg.model, seed=seed + 1, text_len=max(2, text_len // 2)).to(device)
     ours_gen = megatron_greedy(model, gen_inputs, generate, v) if generate else None
     if not _rank0():
         return None
     del model
-    hf_model = load_hf(family, hf_path, dtype)
-    theirs = family.hf_logits(hf_model, inputs).float()
+    hf_model = load_hf(family, hf_path, dtype).to(device)
+    theirs = family.hf_logits(hf_model, inputs).float().cpu()
     if theirs.shape[-1] != v:
         raise ConversionError(f"--hf-path {hf_path}: vocab {theirs.shape[-1]} differs from the checkpoint's {v}")
     ours = ours[..., :v]

@@ -301,13 +301,13 @@ def import_warm_start(llama_path: str, vision_path: str | Sequence[str] | None, 
     from megatron.core import tensor_parallel
 
     from megatron_vlm import runtime
-    from megatron_vlm.models import build_model
+    from megatron_vlm.models import build_model, built_on_host
 
     runtime.set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     vision_record = (str(Path(encoders[0].path).absolute()) if single
                      else {e.name: str(Path(e.path).absolute()) for e in encoders})
-    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp:
+    with hf_io.atomic_output_dir(save, overwrite, "--save") as tmp, built_on_host():
         model = build_model(megatron_io.single_process_config(cfg), pre_process=True,
                             post_process=True, dtype=dtype)
 

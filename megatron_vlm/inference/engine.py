@@ -179,6 +179,8 @@ def generate(model, prompts: list[ModelInputs], max_new_tokens: int, *, vocab_si
         raise ValueError(f"--max-new-tokens {max_new_tokens}: must be an integer >= 1")
     if not prompts:
         return []
+    device = next(model.parameters()).device
+    prompts = [p.to(device) for p in prompts]
     rows = list(range(len(prompts))) if rows is None else rows
     lengths = [p.tokens.shape[1] for p in prompts]
     budgets = [max_new_tokens] * len(prompts)

@@ -60,7 +60,7 @@ def split_batches(data_path: str, split: str, image, batch_size: int, limit: int
 
 def _teacher_forced(model, builder, records, images, vocab_size: int) -> tuple[float, float, list[bool]]:
     """(loss sum, target tokens, per-sample correct) of one batch."""
-    batch = builder.collate(records, images.images, images.grid)
+    batch = builder.collate(records, images.images, images.grid).to(next(model.parameters()).device)
     logits = model(batch.model_inputs(with_labels=False), runtime_gather_output=True)[..., :vocab_size].float()
     mask = batch.loss_mask > 0
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels.clamp(max=vocab_size - 1),

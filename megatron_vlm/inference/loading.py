@@ -119,6 +119,7 @@ def read_checkpoint(load: str, tokenizer_path: str | None = None, tp: int = 1, p
 def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
     """This rank's model at the checkpoint config's TP (PP=1), weights loaded (resharded), eval
     mode. Collective; initialises the runtime if needed."""
+    from megatron_vlm import runtime
     from megatron_vlm.conversion.megatron_io import ensure_runtime
     from megatron_vlm.inference.engine import weights_in_huge_pages
     from megatron_vlm.models import build_model
@@ -126,8 +127,8 @@ def load_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32):
 
     cfg = copy.deepcopy(ckpt.cfg)
     ensure_runtime(cfg.parallel.tensor_model_parallel_size, 1)
-    model = build_model(cfg, pre_process=True, post_process=True, dtype=dtype,
-                        image_token_id=cfg.model.image_token_id)
+    model = runtime.place(build_model(cfg, pre_process=True, post_process=True, dtype=dtype,
+                                      image_token_id=cfg.model.image_token_id))
     load_checkpoint(ckpt.load, [model], strict=True, load_rng=False)
     weights_in_huge_pages(model)  # faster CPU decoding steps (an inference-only model)
     return model.eval()

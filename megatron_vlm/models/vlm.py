@@ -62,6 +62,23 @@ def _no_hf_init():
     return no_init_weights()
 
 
+_on_host = False  # built_on_host()
+
+
+@contextlib.contextmanager
+def built_on_host():
+    """Models built inside allocate their parameters in host memory also where CUDA is present
+    (megatron's ``use_cpu_initialization``). For conversion: it fills and writes one parameter at a
+    time, and host pages of parameters not yet filled cost nothing, where GPU allocations would hold
+    the whole model on the device at once."""
+    global _on_host
+    before, _on_host = _on_host, True
+    try:
+        yield
+    finally:
+        _on_host = before
+
+
 def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None = None,
                    fp8_recipe: str = "delayed", calculate_per_token_loss: bool = False) -> dict:
     return dict(
@@ -76,7 +93,7 @@ def _common_config(parallel: ParallelConfig, dtype: torch.dtype, fp8: str | None
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=_on_host or not torch.cuda.is_available(),
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

@@ -119,6 +119,15 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def place(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` on this rank's device. With CUDA megatron-core allocates its parallel linears on
+    the GPU while torch norms, the ViT conv, gates and wrapped HF towers are created on the host:
+    the whole module is moved, as Megatron-LM's ``get_model`` does. Unchanged on CPU."""
+    if torch.cuda.is_available():
+        return module.cuda(torch.cuda.current_device())
+    return module
+
+
 def context() -> RuntimeContext:
     if _context is None:
         raise RuntimeError("megatron_vlm.runtime.initialize() has not been called")

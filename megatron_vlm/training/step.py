@@ -22,6 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from megatron_vlm import runtime
 from megatron_vlm.config import Config
 from megatron_vlm.data.batch import VLMBatch
 from megatron_vlm.models import build_model
@@ -52,8 +53,7 @@ def build_model_chunks(cfg: Config, image_token_id: int | None = None, wrap_ddp:
     chunks = [build_model(cfg, vp_stage=s, image_token_id=image_token_id) for s in stages]
     for c in chunks:
         expert_params_apart(c)
-    if torch.cuda.is_available():  # torch norms, the ViT conv and gates are created on the host
-        chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+    chunks = [runtime.place(c) for c in chunks]
     if cfg.training.bf16:  # megatron's wrapper: casts the module to bf16, first-stage inputs too
         chunks = [Float16Module(c.config, c) for c in chunks]
     if not wrap_ddp:

@@ -256,12 +256,13 @@ class Mllama(Family):
         pixel_values = images.new_zeros(b, 1, tiles, *images.shape[1:])
         pixel_values[:, 0, 0] = images
         ratio_id = 1 + [list(r) for r in vc.supported_aspect_ratios].index([1, 1])
-        ratio_mask = torch.zeros(b, 1, tiles, dtype=torch.long)
+        device = inputs.tokens.device
+        ratio_mask = torch.zeros(b, 1, tiles, dtype=torch.long, device=device)
         ratio_mask[..., 0] = 1
-        cam = torch.zeros(b, s, 1, tiles, dtype=torch.long)
+        cam = torch.zeros(b, s, 1, tiles, dtype=torch.long, device=device)
         cam[..., 0, 0] = inputs.text_image_mask[..., 0].long()
         return dict(input_ids=inputs.tokens, pixel_values=pixel_values,
-                    aspect_ratio_ids=torch.full((b, 1), ratio_id), aspect_ratio_mask=ratio_mask,
+                    aspect_ratio_ids=torch.full((b, 1), ratio_id, device=device), aspect_ratio_mask=ratio_mask,
                     cross_attention_mask=cam, attention_mask=torch.ones_like(inputs.tokens))
 
     def hf_logits(self, hf_model, inputs: ModelInputs) -> torch.Tensor:
