@@ -274,8 +274,7 @@ class VLMModel(MegatronModule):
             self.fusion = Fusion(mc, fusion_transformer_config(mc, parallel, dtype, **init))
         self.language_model = self.build_language_model()
         install_padded_vocab_mask(self.language_model, mc.language)  # padded ids: out of the softmax
-        self.freeze(vision=mc.freeze_vision, projector=mc.freeze_projector,
-                    language=mc.freeze_language)
+        self.freeze()
 
     def _build_encoder(self, v: VisionConfig, dtype: torch.dtype, init_weights: bool, init: dict):
         """Encoder ``v``: megatron's CLIPViTModel, or a wrapped transformers tower (``hf_config``)."""
@@ -339,14 +338,15 @@ class VLMModel(MegatronModule):
         raise NotImplementedError
 
     # ---- shared pieces ------------------------------------------------------------------------
-    def freeze(self, vision: bool = False, projector: bool = False, language: bool = False) -> None:
-        """Stop gradients of the vision encoder / projector / language model (LLaVA stage 1:
-        vision + language frozen, projector trained). Several encoders: each encoder's own
-        ``freeze`` (null = ``vision``); the projectors and the fusion follow ``projector``."""
-        frozen = [v.name for v in self.cfg.vision if (v.freeze if v.freeze is not None else vision)]
+    def freeze(self) -> None:
+        """Stop gradients of what the config freezes (LLaVA stage 1: vision + language frozen,
+        projector trained): each encoder per ``ModelConfig.encoder_frozen``; the projectors and the
+        fusion per ``freeze_projector``; the language model per ``freeze_language``."""
+        mc = self.cfg
+        frozen = [v.name for v in mc.vision if mc.encoder_frozen(v)]
         modules = ([self.vision_model] if frozen and self.vision_models is None else []) + (
-            [self.vision_projection, self.vision_projections, self.fusion] if projector else []) + (
-            [self.language_model] if language else [])
+            [self.vision_projection, self.vision_projections, self.fusion] if mc.freeze_projector else []) + (
+            [self.language_model] if mc.freeze_language else [])
         if self.vision_models is not None:
             modules += [self.vision_models[name] for name in frozen]
         for module in modules:

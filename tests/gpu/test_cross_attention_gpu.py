@@ -13,16 +13,14 @@ from tests.unit.test_cross_attention import (
     set_gates, text_only_twin)
 from tests.unit.test_cross_attention import build as build_cpu_default
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("fp32_matmuls", "single_rank")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_gpu():
+@pytest.fixture(scope="module")
+def fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    runtime.initialize(seed=1234)
-    yield
-    runtime.shutdown()
 
 
 def cuda(*tensors):

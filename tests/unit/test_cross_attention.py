@@ -40,11 +40,7 @@ def ca_config(num_layers=5, layers=(1, 3), every=None, vocab=HF_VOCAB + 8, seq=1
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank():
-    runtime.initialize(seed=1234)
-    yield
-    runtime.shutdown()
+pytestmark = pytest.mark.usefixtures("single_rank")
 
 
 def build(cfg, seed=0):

@@ -90,11 +90,7 @@ def alone(cfg: Config, multi, name: str):
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_rank():
-    runtime.initialize(seed=1234)
-    yield
-    runtime.shutdown()
+pytestmark = pytest.mark.usefixtures("single_rank")
 
 
 def build(cfg: Config, seed: int = 0):
