@@ -27,6 +27,8 @@ from megatron_vlm.conversion.mapping import ConversionError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"  # checkpoints saved before safetensors (torch.save)
+BIN_SINGLE_NAME = "pytorch_model.bin"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 
 _DTYPE_TO_ST = {
@@ -62,22 +64,30 @@ def dtype_name(dtype: torch.dtype) -> str:
 class HFReader:
     """Tensors of a ``save_pretrained`` folder, one at a time. ``rename`` maps stored names to the
     names the key maps use (e.g. transformers' new-style ``model.language_model.*`` -> the
-    ``language_model.model.*`` that ``save_pretrained`` writes)."""
+    ``language_model.model.*`` that ``save_pretrained`` writes).
+
+    safetensors (``model.safetensors[.index.json]``) are read with plain file I/O; a folder saved
+    before safetensors (``pytorch_model.bin[.index.json]``, torch's zip format) is memory-mapped
+    file by file (``torch.load(mmap=True, weights_only=True)``: no tensor is resident until read)."""
 
     def __init__(self, folder: str | Path, rename=None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConversionError(f"--hf-path {self.folder}: not a directory")
+        self._bins: dict[str, dict[str, torch.Tensor]] = {}
         index = self.folder / INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.folder / SINGLE_NAME).is_file():
             with safe_open(str(self.folder / SINGLE_NAME), "pt") as f:
                 weight_map = {k: SINGLE_NAME for k in f.keys()}
+        elif (self.folder / BIN_INDEX_NAME).is_file():
+            weight_map = json.loads((self.folder / BIN_INDEX_NAME).read_text())["weight_map"]
+        elif (self.folder / BIN_SINGLE_NAME).is_file():
+            weight_map = {k: BIN_SINGLE_NAME for k in self._bin_file(BIN_SINGLE_NAME)}
         else:
-            bins = sorted(p.name for p in self.folder.glob("*.bin"))
-            hint = f" (found {bins[0]}: re-save it with safe_serialization)" if bins else ""
-            raise ConversionError(f"--hf-path {self.folder}: no {INDEX_NAME} or {SINGLE_NAME}{hint}")
+            raise ConversionError(f"--hf-path {self.folder}: no weights ({INDEX_NAME}, {SINGLE_NAME}, "
+                                  f"{BIN_INDEX_NAME} or {BIN_SINGLE_NAME})")
         self._files: dict[str, str] = {}
         self._stored: dict[str, str] = {}
         for stored, fname in weight_map.items():
@@ -88,6 +98,36 @@ class HFReader:
             self._stored[name] = stored
         self._headers: dict[str, tuple[int, dict]] = {}
         self._maps: dict[Path, torch.UntypedStorage] = {}
+
+    def _bin_file(self, fname: str) -> dict[str, torch.Tensor]:
+        """The tensors of one ``.bin`` file, memory-mapped (loaded once)."""
+        tensors = self._bins.get(fname)
+        if tensors is None:
+            path = self.folder / fname
+            if not path.is_file():
+                raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
+            try:
+                tensors = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
+            except Exception as e:  # legacy (non-zip) format, foreign pickles, truncation
+                raise ConversionError(f"--hf-path {self.folder}: cannot read {fname} as a torch state dict "
+                                      f"({str(e).splitlines()[0][:200]}); re-save it as safetensors") from None
+            if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
+                raise ConversionError(f"--hf-path {self.folder}: {fname} is not a dict of tensors")
+            self._bins[fname] = tensors
+        return tensors
+
+    def _bin_tensor(self, key: str) -> torch.Tensor | None:
+        """The mapped tensor of ``key`` when the folder stores ``.bin`` files, else None."""
+        if key not in self._files:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
+        fname = self._files[key]
+        if not fname.endswith(".bin"):
+            return None
+        tensors = self._bin_file(fname)
+        if self._stored[key] not in tensors:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {self._stored[key]} named in the index "
+                                  f"is not in {fname}")
+        return tensors[self._stored[key]]
 
     def _header(self, fname: str) -> tuple[int, dict]:
         """(data start offset, header dict) of one safetensors file."""
@@ -119,6 +159,13 @@ class HFReader:
         """One tensor, read with plain file I/O into fresh memory (no mmap: pages of tensors
         already converted do not stay resident), or straight into ``out`` (contiguous, of the
         stored shape and dtype)."""
+        mapped = self._bin_tensor(key)
+        if mapped is not None:
+            if out is not None and (out.shape != mapped.shape or out.dtype != mapped.dtype):
+                raise ConversionError(f"{key}: stored {mapped.dtype} {tuple(mapped.shape)} cannot be read into "
+                                      f"a {out.dtype} {tuple(out.shape)} tensor")
+            out = torch.empty(mapped.shape, dtype=mapped.dtype) if out is None else out
+            return out.copy_(mapped)
         path, start, e = self._entry(key)
         if e["dtype"] not in _ST_TO_DTYPE:
             raise ConversionError(f"{key}: safetensors dtype {e['dtype']} is not supported")
@@ -144,6 +191,9 @@ class HFReader:
     def mapped(self, key: str) -> torch.Tensor:
         """One tensor as a read-only view of its file's pages (a private memory map: no copy, the
         pages are page cache the kernel can drop). Do not write to it."""
+        mapped = self._bin_tensor(key)
+        if mapped is not None:
+            return mapped
         path, start, e = self._entry(key)
         if e["dtype"] not in _ST_TO_DTYPE:
             raise ConversionError(f"{key}: safetensors dtype {e['dtype']} is not supported")
@@ -156,10 +206,12 @@ class HFReader:
                                                                     e["shape"])
 
     def shape(self, key: str) -> tuple:
-        return tuple(self._entry(key)[2]["shape"])
+        mapped = self._bin_tensor(key)
+        return tuple(mapped.shape) if mapped is not None else tuple(self._entry(key)[2]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return _ST_TO_DTYPE[self._entry(key)[2]["dtype"]]
+        mapped = self._bin_tensor(key)
+        return mapped.dtype if mapped is not None else _ST_TO_DTYPE[self._entry(key)[2]["dtype"]]
 
     def total_bytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self._files.values()))
@@ -167,6 +219,7 @@ class HFReader:
     def close(self) -> None:
         self._headers.clear()
         self._maps.clear()
+        self._bins.clear()
 
 
 def read_config_json(folder: str | Path) -> dict:

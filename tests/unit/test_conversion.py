@@ -176,6 +176,56 @@ def test_round_trip_verify_and_generate(family, hf_models, tmp_path):
     assert len(set(res["exported"]["generated_hf"])) > 1  # a non-degenerate continuation
 
 
+def _as_bin_folder(src: Path, dst: Path, shards: int) -> None:
+    """``src`` (safetensors) as transformers saved folders before safetensors: ``torch.save``d dicts,
+    ``pytorch_model.bin`` or ``pytorch_model-0000k-of-0000n.bin`` + ``pytorch_model.bin.index.json``.
+    One matrix is stored transposed-contiguous (a strided view), as tied or transposed weights can be."""
+    tensors = tiny.load_safetensors_dir(src)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model.safetensors") and f.suffix != ".safetensors":
+            shutil.copy2(f, dst / f.name)
+    keys = sorted(tensors)
+    strided = next(k for k in keys if tensors[k].dim() == 2 and tensors[k].shape[0] != tensors[k].shape[1])
+    tensors[strided] = tensors[strided].t().contiguous().t()
+    if shards == 1:
+        torch.save(tensors, dst / "pytorch_model.bin")
+        return
+    weight_map = {}
+    for i in range(shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: tensors[k] for k in keys[i::shards]}
+        torch.save(part, dst / name)
+        weight_map.update({k: name for k in part})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_bin_folders_import_like_safetensors(hf_models, tmp_path):
+    """A LLaVA folder of ``.bin`` files (sharded with an index, or one file) imports to the same
+    checkpoint as its safetensors twin: exported back it equals the safetensors folder bit for bit.
+    A ``.bin`` that is not a torch state dict is one line."""
+    llava = hf_models["llava"]
+    _as_bin_folder(llava, tmp_path / "sharded", shards=3)
+    _as_bin_folder(llava, tmp_path / "single", shards=1)
+    (tmp_path / "broken").mkdir()
+    shutil.copy2(llava / "config.json", tmp_path / "broken" / "config.json")
+    (tmp_path / "broken" / "pytorch_model.bin").write_bytes(b"not a zip archive")
+    cases = []
+    for name in ("sharded", "single"):
+        cases += [(f"import {name}", ["import-hf", "--hf-path", str(tmp_path / name), "--save", str(tmp_path / f"mc_{name}")]),
+                  (f"export {name}", ["export-hf", "--load", str(tmp_path / f"mc_{name}"), "--hf-path",
+                                      str(tmp_path / f"back_{name}")])]
+    cases.append(("broken", ["import-hf", "--hf-path", str(tmp_path / "broken"), "--save", str(tmp_path / "mc_broken")]))
+    (results,) = run_distributed(_cli_cases, 1, cases, timeout=300)
+    for (case, _), (rc, err) in zip(cases[:-1], results[:-1]):
+        assert rc == 0, (case, err)
+    for name in ("sharded", "single"):
+        assert _assert_bit_identical(llava, tmp_path / f"back_{name}") > 20
+    rc, err = results[-1]
+    assert rc == 2 and "cannot read pytorch_model.bin as a torch state dict" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "mc_broken").exists()
+
+
 def _rewrite_without(src: Path, dst: Path, drop: str | None = None, add: dict | None = None) -> None:
     """Copy an HF folder as a single safetensors file, minus / plus some tensors."""
     from safetensors.torch import save_file
