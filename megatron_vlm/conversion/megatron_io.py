@@ -656,8 +656,10 @@ def _read_direct(ckpt_dir: Path, info, item, buf: torch.Tensor) -> bool:
         return False
     with open(ckpt_dir / info.relative_path, "rb") as f:
         stored = torch.load(_FileView(f, info.offset, info.length), map_location="meta", weights_only=True)
+        if not isinstance(stored, torch.Tensor) or stored.dtype != buf.dtype:
+            return False
         start = getattr(stored.untyped_storage(), "_checkpoint_offset", None)
-        if not isinstance(stored, torch.Tensor) or start is None or stored.dtype != buf.dtype:
+        if start is None:
             return False
         src, dst = stored, buf
         for ax, (so, do, n) in enumerate(zip(item.storage_offsets, item.dest_offsets, item.lengths)):

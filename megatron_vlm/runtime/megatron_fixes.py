@@ -2,7 +2,8 @@
 
 Applied by :func:`megatron_vlm.runtime.initialize` (CPU and GPU) when the bug's condition holds;
 idempotent. Like ``cpu.py`` this is a place that touches megatron-core internals, kept apart so
-that a GPU run gets exactly these fixes and nothing CPU-related.
+that a GPU run gets exactly these fixes and nothing CPU-related. Also here, called by the
+conversion CLI before anything imports megatron-core: :func:`import_megatron_without_jit_fusion`.
 """
 
 from __future__ import annotations
