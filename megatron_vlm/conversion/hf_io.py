@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from megatron_vlm.conversion.mapping import ConversionError
 
@@ -75,14 +74,15 @@ class HFReader:
         if not self.folder.is_dir():
             raise ConversionError(f"--hf-path {self.folder}: not a directory")
         self._bins: dict[str, dict[str, torch.Tensor]] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
+        self._maps: dict[Path, torch.UntypedStorage] = {}
         index = self.folder / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = self._weight_map(index)
         elif (self.folder / SINGLE_NAME).is_file():
-            with safe_open(str(self.folder / SINGLE_NAME), "pt") as f:
-                weight_map = {k: SINGLE_NAME for k in f.keys()}
+            weight_map = {k: SINGLE_NAME for k in self._header(SINGLE_NAME)[1] if k != "__metadata__"}
         elif (self.folder / BIN_INDEX_NAME).is_file():
-            weight_map = json.loads((self.folder / BIN_INDEX_NAME).read_text())["weight_map"]
+            weight_map = self._weight_map(self.folder / BIN_INDEX_NAME)
         elif (self.folder / BIN_SINGLE_NAME).is_file():
             weight_map = {k: BIN_SINGLE_NAME for k in self._bin_file(BIN_SINGLE_NAME)}
         else:
@@ -96,8 +96,20 @@ class HFReader:
                 raise ConversionError(f"--hf-path {self.folder}: tensor {name} stored twice")
             self._files[name] = fname
             self._stored[name] = stored
-        self._headers: dict[str, tuple[int, dict]] = {}
-        self._maps: dict[Path, torch.UntypedStorage] = {}
+
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        """An index's ``weight_map`` ({stored tensor name: file name in this folder}), checked."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ConversionError(f"--hf-path {self.folder}: {index.name} is not a weight index "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        bad = ([v for v in weight_map.values() if not isinstance(v, str) or Path(v).name != v or v in (".", "..")]
+               if isinstance(weight_map, dict) else [weight_map])
+        if bad:
+            raise ConversionError(f"--hf-path {self.folder}: {index.name} names {bad[0]!r}: a weight_map value "
+                                  f"must be the name of a file in this folder")
+        return weight_map
 
     def _bin_file(self, fname: str) -> dict[str, torch.Tensor]:
         """The tensors of one ``.bin`` file, memory-mapped (loaded once)."""
@@ -136,9 +148,20 @@ class HFReader:
             path = self.folder / fname
             if not path.is_file():
                 raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
-            with open(path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
+            size = path.stat().st_size
+            try:
+                with open(path, "rb") as f:
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    if n > size - 8:
+                        raise ValueError(f"header of {n} bytes in a file of {size}")
+                    header = json.loads(f.read(n))
+                ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+            except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+                raise ConversionError(f"--hf-path {self.folder}: {fname} is not a safetensors file "
+                                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            if ends and 8 + n + max(ends) > size:
+                raise ConversionError(f"--hf-path {self.folder}: {fname} is truncated ({size} bytes; its header "
+                                      f"describes {8 + n + max(ends)})")
             h = self._headers[fname] = (8 + n, header)
         return h
 
@@ -147,6 +170,9 @@ class HFReader:
             raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
         fname = self._files[key]
         start, header = self._header(fname)
+        if self._stored[key] not in header:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {self._stored[key]} named in the index "
+                                  f"is not in {fname}")
         return self.folder / fname, start, header[self._stored[key]]
 
     def keys(self) -> list[str]:

@@ -257,8 +257,24 @@ def test_failures_are_clean(hf_models, tmp_path):
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
     other = tiny.save_llava(tmp_path / "other", seed=7)
+    # hostile weight files: an index that is not JSON, one naming a file outside the folder, a
+    # safetensors file cut short (its header describes more bytes than it holds)
+    bad_json, escaping, cut = tmp_path / "bad_json", tmp_path / "escaping", tmp_path / "cut"
+    for folder in (bad_json, escaping):
+        shutil.copytree(llava, folder)
+    (bad_json / "model.safetensors.index.json").write_text("{not json")
+    index = json.loads((escaping / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../other/" + index["weight_map"][first]
+    (escaping / "model.safetensors.index.json").write_text(json.dumps(index))
+    _rewrite_without(llava, cut)
+    raw = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(raw[:len(raw) // 2])
     out = tmp_path / "out"
     cases = [
+        ("bad index", ["import-hf", "--hf-path", str(bad_json), "--save", str(out)]),
+        ("escaping index", ["import-hf", "--hf-path", str(escaping), "--save", str(out)]),
+        ("cut", ["import-hf", "--hf-path", str(cut), "--save", str(out)]),
         ("arch", ["import-hf", "--hf-path", str(bad_arch), "--save", str(out)]),
         ("config", ["import-hf", "--hf-path", str(relu), "--save", str(out)]),
         ("missing", ["import-hf", "--hf-path", str(missing), "--save", str(out)]),
@@ -275,13 +291,17 @@ def test_failures_are_clean(hf_models, tmp_path):
     got = {name: r for (name, _), r in zip(cases, results)}
     for name, (rc, err) in got.items():
         print(f"{name}: rc={rc} {err.strip()!r}")
-    for name in ("arch", "config", "tp", "ep", "wrong arch", "occupied", "not a ckpt"):
+    for name in ("arch", "config", "tp", "ep", "wrong arch", "occupied", "not a ckpt", "bad index",
+                 "escaping index", "cut"):
         rc, err = got[name]
         assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("convert_checkpoint.py: error: "), name
     assert "unsupported HF architecture" in got["arch"][1]
     assert "projector_hidden_act='relu'" in got["config"][1]
     assert "num_attention_heads=4: must be divisible by parallel.tensor_model_parallel_size=3" in got["tp"][1]
     assert "not empty" in got["occupied"][1]
+    assert "model.safetensors.index.json is not a weight index (JSONDecodeError" in got["bad index"][1]
+    assert "a weight_map value must be the name of a file in this folder" in got["escaping index"][1]
+    assert "model.safetensors is truncated" in got["cut"][1]
     assert got["missing"][0] == 2 and "1 missing key(s)" in got["missing"][1] and \
         "missing: language_model.model.layers.1.mlp.up_proj.weight" in got["missing"][1]
     assert got["unexpected"][0] == 2 and "unexpected: language_model.model.layers.9.mlp.up_proj.weight" in got["unexpected"][1]
