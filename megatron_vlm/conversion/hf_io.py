@@ -111,13 +111,17 @@ class HFReader:
                                   f"must be the name of a file in this folder")
         return weight_map
 
+    def _file(self, fname: str) -> Path:
+        path = self.folder / fname
+        if not path.is_file():
+            raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
+        return path
+
     def _bin_file(self, fname: str) -> dict[str, torch.Tensor]:
         """The tensors of one ``.bin`` file, memory-mapped (loaded once)."""
         tensors = self._bins.get(fname)
         if tensors is None:
-            path = self.folder / fname
-            if not path.is_file():
-                raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
+            path = self._file(fname)
             try:
                 tensors = torch.load(str(path), mmap=True, weights_only=True, map_location="cpu")
             except Exception as e:  # legacy (non-zip) format, foreign pickles, truncation
@@ -128,26 +132,28 @@ class HFReader:
             self._bins[fname] = tensors
         return tensors
 
-    def _bin_tensor(self, key: str) -> torch.Tensor | None:
-        """The mapped tensor of ``key`` when the folder stores ``.bin`` files, else None."""
+    def _locate(self, key: str, contents) -> tuple[str, object]:
+        """``(file name, what the file holds for key)``; ``contents(file name)`` is the file's
+        ``{stored name: entry}``. A key the index lacks, or its file lacks: one line."""
         if key not in self._files:
             raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
-        fname = self._files[key]
-        if not fname.endswith(".bin"):
-            return None
-        tensors = self._bin_file(fname)
-        if self._stored[key] not in tensors:
-            raise ConversionError(f"--hf-path {self.folder}: tensor {self._stored[key]} named in the index "
-                                  f"is not in {fname}")
-        return tensors[self._stored[key]]
+        fname, stored = self._files[key], self._stored[key]
+        table = contents(fname)
+        if stored not in table:
+            raise ConversionError(f"--hf-path {self.folder}: tensor {stored} named in the index is not in {fname}")
+        return fname, table[stored]
+
+    def _bin_tensor(self, key: str) -> torch.Tensor | None:
+        """The mapped tensor of ``key`` when its file is a ``.bin``, else None."""
+        if not self._files.get(key, "").endswith(".bin"):
+            return None  # a safetensors file, or a key the index lacks (_entry says so)
+        return self._locate(key, self._bin_file)[1]
 
     def _header(self, fname: str) -> tuple[int, dict]:
         """(data start offset, header dict) of one safetensors file."""
         h = self._headers.get(fname)
         if h is None:
-            path = self.folder / fname
-            if not path.is_file():
-                raise ConversionError(f"--hf-path {self.folder}: {fname} named in the index is missing")
+            path = self._file(fname)
             size = path.stat().st_size
             try:
                 with open(path, "rb") as f:
@@ -166,14 +172,9 @@ class HFReader:
         return h
 
     def _entry(self, key: str) -> tuple[Path, int, dict]:
-        if key not in self._files:
-            raise ConversionError(f"--hf-path {self.folder}: tensor {key} not found")
-        fname = self._files[key]
-        start, header = self._header(fname)
-        if self._stored[key] not in header:
-            raise ConversionError(f"--hf-path {self.folder}: tensor {self._stored[key]} named in the index "
-                                  f"is not in {fname}")
-        return self.folder / fname, start, header[self._stored[key]]
+        """(file, data start offset, header entry) of a safetensors-stored ``key``."""
+        fname, entry = self._locate(key, lambda f: self._header(f)[1])
+        return self.folder / fname, self._header(fname)[0], entry
 
     def keys(self) -> list[str]:
         return list(self._files)

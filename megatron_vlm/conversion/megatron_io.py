@@ -584,35 +584,31 @@ def _read_regions(ckpt_dir: Path, requests: list[tuple[str, torch.Tensor, tuple]
 
     if metadata is None:
         metadata = dcp.FileSystemReader(str(ckpt_dir)).read_metadata()
-    by_fqn = {}
+    seen, fallback = set(), {}  # fallback: {key: (buf, its read items)} for the general path
     for key, buf, offsets in requests:
-        if key in by_fqn:
+        if key in seen:
             raise ConversionError(f"internal: {key} requested twice in one read")
+        seen.add(key)
         chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
         items = create_read_items_for_chunk_list(key, metadata.state_dict_metadata[key], [chunk])
         if not all(_read_direct(Path(ckpt_dir), metadata.storage_data[item.storage_index], item, buf)
                    for item in items):
-            by_fqn[key] = (buf, offsets)
-    if not by_fqn:
+            fallback[key] = (buf, items)
+    if not fallback:
         return
 
     class RegionPlanner(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
-            items = []
-            for fqn, (buf, offsets) in by_fqn.items():
-                md = self.metadata.state_dict_metadata[fqn]
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
-                items += create_read_items_for_chunk_list(fqn, md, [chunk])
-            return LoadPlan(items)
+            return LoadPlan([item for _, items in fallback.values() for item in items])
 
         def lookup_tensor(self, index):
-            return by_fqn[index.fqn][0]
+            return fallback[index.fqn][0]
 
     try:
         dcp.load({}, storage_reader=dcp.FileSystemReader(str(ckpt_dir)), planner=RegionPlanner(),
                  no_dist=True)
     finally:  # the planner class is cyclic garbage (freed late): it must not keep the buffers alive
-        by_fqn.clear()
+        fallback.clear()
 
 
 class _FileView(io.RawIOBase):
